@@ -36,6 +36,19 @@ import numpy as np
 __all__ = ["GPT2Config", "GPT2"]
 
 _ACTIVATIONS = ("gelu_tanh", "gelu")
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def _parse_dtype(dtype):
+    """jnp.float32 / jnp.bfloat16 (or numpy dtypes, or their names) -> the jnp scalar type."""
+    try:
+        name = dtype.strip().lower() if isinstance(dtype, str) else np.dtype(dtype).name
+    except TypeError:
+        name = None
+    if name not in _DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(_DTYPES)} (or the matching jnp dtype), "
+                         f"got {dtype!r}")
+    return _DTYPES[name]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -169,6 +182,7 @@ class GPT2:
     def init(cls, key, config: GPT2Config, dtype=jnp.float32) -> "GPT2":
         """Random GPT-2-style init: N(0, 0.02) matrices and embeddings, output projections scaled
         by 1/sqrt(2L), zero biases, unit LayerNorm scales."""
+        dtype = _parse_dtype(dtype)
         shapes = _param_shapes(config)
         flat, treedef = jax.tree_util.tree_flatten_with_path(
             shapes, is_leaf=lambda s: isinstance(s, tuple))
@@ -192,6 +206,7 @@ class GPT2:
     def from_params(cls, params, config: GPT2Config, dtype=None) -> "GPT2":
         """Wraps a params dict (NumPy or JAX arrays) after checking its keys and every shape
         against the config; ``dtype`` (if given) casts every array."""
+        dtype = None if dtype is None else _parse_dtype(dtype)
         expected = _param_shapes(config)
 
         def build(exp, got, prefix):
@@ -221,7 +236,12 @@ class GPT2:
         return self.params["wte"].dtype
 
     def astype(self, dtype) -> "GPT2":
-        return GPT2(jax.tree_util.tree_map(lambda a: a.astype(dtype), self.params), self.config)
+        dtype = _parse_dtype(dtype)
+        return GPT2(jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), self.params),
+                    self.config)
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
 
     # ---------------------------------------------------------------- pieces
     def _embed(self, tokens, positions):
@@ -255,14 +275,44 @@ class GPT2:
         h = jax.nn.gelu(h, approximate=(cfg.activation == "gelu_tanh"))
         return x + _linear(h, lp["w_proj"], lp["b_proj"])
 
-    # ---------------------------------------------------------------- stateless protocol
+    # ---------------------------------------------------------------- protocols
     def __call__(self, tokens):
         """tokens int32[B, T] (T <= max_seq_len) -> logits float32[B, T, V] (causal)."""
         tokens = jnp.asarray(tokens, jnp.int32)
-        B, T = tokens.shape
-        if T > self.config.max_seq_len:
-            raise ValueError(f"sequence length {T} exceeds GPT-2's max_seq_len "
+        if tokens.ndim != 2:
+            raise ValueError(f"tokens must be [batch, time], got shape {tokens.shape}")
+        if tokens.shape[1] > self.config.max_seq_len:
+            raise ValueError(f"sequence length {tokens.shape[1]} exceeds GPT-2's max_seq_len "
                              f"{self.config.max_seq_len}")
+        return _forward_jit(self, tokens)
+
+    def init_cache(self, batch_size: int, max_length: int):
+        """A zeroed KV cache ``{"k", "v"}: [L, batch_size, max_length, H, hd]`` in the weights'
+        dtype. ``max_length`` may not exceed ``max_seq_len`` (the learned positions)."""
+        cfg = self.config
+        if int(batch_size) <= 0 or int(max_length) <= 0:
+            raise ValueError(f"batch_size and max_length must be positive, got "
+                             f"{batch_size!r}, {max_length!r}")
+        if max_length > cfg.max_seq_len:
+            raise ValueError(f"max_length {max_length} exceeds GPT-2's max_seq_len "
+                             f"{cfg.max_seq_len} (number of learned positions)")
+        shape = (cfg.n_layers, int(batch_size), int(max_length), cfg.n_heads, cfg.head_dim)
+        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
+
+    def step(self, tokens, positions, cache):
+        """One cached forward pass.
+
+        Writes the key/value of ``tokens[b, t]`` to cache slot ``positions[b, t]`` (positions
+        outside ``[0, S)`` are dropped), then lets the query at position p attend to slots 0..p.
+        Returns ``(logits float32[B, T, V], new_cache)``. The input cache is not consumed; wrap
+        the call in ``jax.jit(..., donate_argnums=...)`` to update it in place.
+        """
+        return _step_jit(self, jnp.asarray(tokens, jnp.int32),
+                         jnp.asarray(positions, jnp.int32), cache)
+
+    # ---------------------------------------------------------------- implementation
+    def _forward(self, tokens):
+        B, T = tokens.shape
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         mask = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
         x = self._embed(tokens, positions)
@@ -274,21 +324,7 @@ class GPT2:
         x, _ = jax.lax.scan(layer, x, self.params["layers"])
         return self._head(x)
 
-    # ---------------------------------------------------------------- KV-cached protocol
-    def init_cache(self, batch_size: int, max_length: int):
-        """Zeroed KV cache ``{"k", "v"}: [L, B, max_length, H, hd]`` in the weights' dtype."""
-        cfg = self.config
-        if max_length > cfg.max_seq_len:
-            raise ValueError(f"max_length {max_length} exceeds GPT-2's max_seq_len "
-                             f"{cfg.max_seq_len} (number of learned positions)")
-        shape = (cfg.n_layers, batch_size, max_length, cfg.n_heads, cfg.head_dim)
-        return {"k": jnp.zeros(shape, self.dtype), "v": jnp.zeros(shape, self.dtype)}
-
-    def step(self, tokens, positions, cache):
-        """One cached forward: writes each token's k/v to slot ``positions[b, t]`` and lets the
-        query at position p attend to slots 0..p. Returns (logits float32[B,T,V], cache)."""
-        tokens = jnp.asarray(tokens, jnp.int32)
-        positions = jnp.asarray(positions, jnp.int32)
+    def _step(self, tokens, positions, cache):
         B, T = tokens.shape
         S = cache["k"].shape[2]
         mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]  # [B,T,S]
@@ -313,5 +349,5 @@ class GPT2:
 jax.tree_util.register_dataclass(GPT2, data_fields=["params"], meta_fields=["config"])
 
 
-def num_params(model: GPT2) -> int:
-    return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(model.params)))
+_forward_jit = jax.jit(lambda model, tokens: model._forward(tokens))
+_step_jit = jax.jit(lambda model, tokens, positions, cache: model._step(tokens, positions, cache))
