@@ -11,3 +11,16 @@ from ._sampling import top_p_filter as top_p_filter
 from ._sampling import typical_filter as typical_filter
 
 __version__ = "0.1.0"
+
+from ._processors import DecodeContext as DecodeContext
+from ._processors import LogitsProcessor as LogitsProcessor
+from ._processors import apply_frequency_presence_penalty as apply_frequency_presence_penalty
+from ._processors import apply_repetition_penalty as apply_repetition_penalty
+from ._processors import ban_tokens as ban_tokens
+from ._processors import chain as chain
+from ._processors import frequency_presence_penalty as frequency_presence_penalty
+from ._processors import identity as identity
+from ._processors import logit_bias as logit_bias
+from ._processors import min_new_tokens as min_new_tokens
+from ._processors import penalties as penalties
+from ._processors import repetition_penalty as repetition_penalty
