@@ -1,0 +1,120 @@
+"""Pieces shared by the decoder-only models: dtype parsing, RMSNorm, rotary embeddings, the one
+matmul helper and masked grouped-query attention.
+
+Numerics: activations stay in the weights' dtype between ops; every matmul accumulates in float32;
+RMSNorm statistics, attention scores and the softmax are float32.
+"""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+__all__ = [
+    "DTYPES",
+    "parse_dtype",
+    "linear",
+    "rms_norm",
+    "rope_angles",
+    "apply_rope",
+    "attention",
+]
+
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+ROPE_LAYOUTS = ("interleaved", "half")
+
+
+def parse_dtype(dtype, *, arg: str = "dtype"):
+    """Accepts ``jnp.float32``/``jnp.bfloat16`` (or numpy dtypes, or the strings "float32" /
+    "bfloat16") and returns the jnp scalar type; anything else raises ValueError."""
+    if isinstance(dtype, str):
+        key = dtype.strip().lower()
+        if key in DTYPES:
+            return DTYPES[key]
+    else:
+        try:
+            name = np.dtype(dtype).name
+        except TypeError:
+            name = None
+        if name in DTYPES:
+            return DTYPES[name]
+    raise ValueError(f"{arg} must be one of {sorted(DTYPES)} (or the matching jnp dtype), "
+                     f"got {dtype!r}")
+
+
+def linear(x, w):
+    """``x @ w`` for a weight matrix ``w: [in, out]``: the input is cast to the weight dtype, the
+    product accumulates in float32 and is returned in the weight dtype.
+
+    Every projection of the models goes through here, so a quantized weight format only has to
+    teach this function about itself."""
+    y = jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    return y.astype(w.dtype)
+
+
+def rms_norm(x, w, eps):
+    """RMSNorm with float32 statistics; returns the weight dtype."""
+    xf = x.astype(jnp.float32)
+    y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    return (y * w.astype(jnp.float32)).astype(w.dtype)
+
+
+def rope_angles(positions, head_dim: int, theta: float, freq_factors=None):
+    """cos, sin of shape ``positions.shape + (head_dim // 2,)`` in float32. Frequency i is
+    ``theta ** (-2i / head_dim) / freq_factors[i]`` (factors default to 1)."""
+    half = head_dim // 2
+    inv_freq = 1.0 / (theta ** (np.arange(half, dtype=np.float64) * 2.0 / head_dim))
+    if freq_factors is not None:
+        inv_freq = inv_freq / np.asarray(freq_factors, np.float64)
+    ang = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+    return jnp.cos(ang), jnp.sin(ang)
+
+
+def apply_rope(x, cos, sin, layout: str):
+    """Rotates ``x: [..., T, N, hd]`` by angles ``cos/sin: [..., T, hd/2]`` (broadcast over heads N).
+
+    ``layout="interleaved"``: dims (2i, 2i+1) form a pair (GGML/llama.cpp, Meta's original code).
+    ``layout="half"``: dims (i, i + hd/2) form a pair (Hugging Face's rotate_half).
+    """
+    dtype = x.dtype
+    xf = x.astype(jnp.float32)
+    c = cos[..., None, :]
+    s = sin[..., None, :]
+    if layout == "half":
+        h = x.shape[-1] // 2
+        x1, x2 = xf[..., :h], xf[..., h:]
+        out = jnp.concatenate([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1)
+    elif layout == "interleaved":
+        pairs = xf.reshape(*x.shape[:-1], x.shape[-1] // 2, 2)
+        x1, x2 = pairs[..., 0], pairs[..., 1]
+        out = jnp.stack([x1 * c - x2 * s, x2 * c + x1 * s], axis=-1).reshape(x.shape)
+    else:
+        raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {layout!r}")
+    return out.astype(dtype)
+
+
+def attention(q, k, v, mask):
+    """Grouped-query attention.
+
+    q: [B, T, H, hd]; k, v: [B, S, KV, hd] with H a multiple of KV (query head h uses kv head
+    h // (H // KV)); mask: bool, broadcastable to [B, T, S] (True = may attend).
+    Returns [B, T, H * hd] in q's dtype. Scores and softmax are float32.
+    """
+    B, T, H, hd = q.shape
+    KV = k.shape[2]
+    G = H // KV
+    qg = q.reshape(B, T, KV, G, hd)
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+                        preferred_element_type=jnp.float32)
+    scores = scores * (1.0 / math.sqrt(hd))
+    m = jnp.broadcast_to(mask, (B, T, k.shape[1]))[:, None, None, :, :]
+    scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+    scores = scores - jnp.max(scores, axis=-1, keepdims=True)
+    p = jnp.exp(scores)
+    p = p / jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(B, T, H * hd).astype(q.dtype)

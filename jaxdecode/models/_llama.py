@@ -1,0 +1,306 @@
+"""Llama-family decoder in pure JAX (Llama 2/3, SmolLM, TinyLlama, Mistral-style GQA models).
+
+Architecture: token embedding, pre-RMSNorm blocks with grouped-query attention and rotary
+position embeddings (no biases), a SwiGLU MLP, a final RMSNorm and an output head (tied to the
+embedding or separate). Layers are stacked on a leading axis ``L`` and run with ``lax.scan``.
+
+Params layout (``docs/CONTRACTS.md``)::
+
+    {"embed": [V, D],
+     "layers": {"attn_norm": [L, D], "wq": [L, D, H*hd], "wk": [L, D, KV*hd], "wv": [L, D, KV*hd],
+                "wo": [L, H*hd, D], "mlp_norm": [L, D],
+                "w_gate": [L, D, F], "w_up": [L, D, F], "w_down": [L, F, D]},
+     "norm": [D],
+     "lm_head": [D, V]}            # absent when config.tie_embeddings
+
+Matrices are [in, out]. Rotary embeddings come in two layouts that differ by a fixed permutation
+of the Q/K projection columns: ``"half"`` (Hugging Face checkpoints: dims i and i+hd/2 rotate
+together) and ``"interleaved"`` (GGUF files: llama.cpp's converter permutes Q/K so that dims 2i
+and 2i+1 rotate together).
+
+Numerics: weights, activations between ops and the KV cache are in the weights' dtype (float32
+or bfloat16); matmuls accumulate in float32; norms, attention scores and softmax are float32;
+logits are float32.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ._common import (ROPE_LAYOUTS, apply_rope, attention, linear, parse_dtype, rms_norm,
+                      rope_angles)
+
+__all__ = ["LlamaConfig", "Llama", "KVCache", "llama_param_shapes"]
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Hyper-parameters of a Llama-family model (hashable; static under ``jit``).
+
+    ``head_dim`` defaults to ``dim // n_heads`` and ``n_kv_heads`` to ``n_heads``.
+    ``bos_id``/``eos_ids`` are informational (the tokenizer's special ids), not used by the math.
+    """
+
+    vocab_size: int
+    dim: int
+    n_layers: int
+    n_heads: int
+    n_kv_heads: int | None = None
+    head_dim: int | None = None
+    hidden_dim: int = 0  # F, the SwiGLU width; 0 -> the Llama rule from dim
+    norm_eps: float = 1e-5
+    rope_theta: float = 10000.0
+    rope_layout: str = "half"
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    bos_id: int | None = None
+    eos_ids: tuple = ()
+    rope_freq_factors: tuple | None = None  # per-frequency divisors (GGUF rope_freqs / scaling)
+
+    def __post_init__(self):
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        if self.n_kv_heads is None:
+            set_("n_kv_heads", self.n_heads)
+        if self.head_dim is None:
+            if self.n_heads and self.dim % self.n_heads:
+                raise ValueError(f"dim ({self.dim}) is not divisible by n_heads ({self.n_heads}); "
+                                 "give head_dim explicitly")
+            set_("head_dim", self.dim // max(self.n_heads, 1))
+        if not self.hidden_dim:
+            f = int(2 * (4 * self.dim) / 3)
+            set_("hidden_dim", 256 * ((f + 255) // 256))
+        set_("eos_ids", tuple(int(e) for e in (self.eos_ids or ())))
+        if self.rope_freq_factors is not None:
+            set_("rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+        for name in ("vocab_size", "dim", "n_layers", "n_heads", "n_kv_heads", "head_dim",
+                     "hidden_dim", "max_seq_len"):
+            v = getattr(self, name)
+            if int(v) != v or int(v) <= 0:
+                raise ValueError(f"LlamaConfig.{name} must be a positive integer, got {v!r}")
+            set_(name, int(v))
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_heads ({self.n_heads}) must be a multiple of n_kv_heads "
+                             f"({self.n_kv_heads})")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for rotary embeddings, got {self.head_dim}")
+        if (self.rope_freq_factors is not None
+                and len(self.rope_freq_factors) != (self.head_dim or 0) // 2):
+            raise ValueError(f"rope_freq_factors must have head_dim // 2 = {self.head_dim // 2} "
+                             f"entries, got {len(self.rope_freq_factors)}")
+        if self.rope_layout not in ROPE_LAYOUTS:
+            raise ValueError(f"rope_layout must be one of {ROPE_LAYOUTS}, got {self.rope_layout!r}")
+        set_("norm_eps", float(self.norm_eps))
+        set_("rope_theta", float(self.rope_theta))
+        set_("tie_embeddings", bool(self.tie_embeddings))
+
+
+def llama_param_shapes(cfg: LlamaConfig) -> dict:
+    """The params tree of ``cfg`` with shape tuples as leaves."""
+    L, D, V, F = cfg.n_layers, cfg.dim, cfg.vocab_size, cfg.hidden_dim
+    Hd, KVd = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
+    shapes = {
+        "embed": (V, D),
+        "layers": {
+            "attn_norm": (L, D), "wq": (L, D, Hd), "wk": (L, D, KVd), "wv": (L, D, KVd),
+            "wo": (L, Hd, D), "mlp_norm": (L, D),
+            "w_gate": (L, D, F), "w_up": (L, D, F), "w_down": (L, F, D),
+        },
+        "norm": (D,),
+    }
+    if not cfg.tie_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+class KVCache(NamedTuple):
+    """Per-layer keys/values ``[L, B, S, KV, hd]`` in the weights' dtype; slot s holds the
+    key/value of the token at absolute position s."""
+
+    k: jax.Array
+    v: jax.Array
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama:
+    """A Llama-family language model: ``params`` are pytree leaves, ``config`` is static.
+
+    Implements both model protocols of ``docs/CONTRACTS.md``:
+    ``model(tokens[B,T]) -> logits float32[B,T,V]`` and
+    ``init_cache(batch_size, max_length)`` / ``step(tokens, positions, cache)``.
+    The methods run through module-level ``jax.jit`` functions (the model is a traced pytree
+    argument), so calling them eagerly compiles once per shape; inside a caller's ``jit`` they
+    simply inline.
+    """
+
+    params: Any
+    config: LlamaConfig = dataclasses.field(metadata=dict(static=True))
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def init(cls, key, config: LlamaConfig, dtype=jnp.float32) -> "Llama":
+        """Random init: N(0, 0.02) matrices/embedding (output projections / sqrt(2L)) and norm
+        weights near 1 (randomized a little so tests exercise them)."""
+        dtype = parse_dtype(dtype)
+        shapes = llama_param_shapes(config)
+        flat, treedef = jax.tree_util.tree_flatten_with_path(
+            shapes, is_leaf=lambda s: isinstance(s, tuple))
+        keys = jax.random.split(key, len(flat))
+        leaves = []
+        for (path, shape), k in zip(flat, keys):
+            name = path[-1].key
+            if "norm" in name:
+                leaf = 1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32)
+            else:
+                std = 0.02 / (math.sqrt(2 * config.n_layers) if name in ("wo", "w_down") else 1.0)
+                leaf = std * jax.random.normal(k, shape, jnp.float32)
+            leaves.append(leaf.astype(dtype))
+        return cls(jax.tree_util.tree_unflatten(treedef, leaves), config)
+
+    @classmethod
+    def from_params(cls, params: Mapping, config: LlamaConfig, dtype=None) -> "Llama":
+        """Wraps a params dict (NumPy or JAX arrays) after checking its keys and every shape
+        against ``config``; ``dtype`` (if given) casts every array."""
+        dtype = None if dtype is None else parse_dtype(dtype)
+        expected = llama_param_shapes(config)
+
+        def build(exp, got, prefix):
+            if not isinstance(got, Mapping):
+                raise ValueError(f"Llama params{prefix}: expected a dict, got {type(got).__name__}")
+            missing = sorted(set(exp) - set(got))
+            extra = sorted(set(got) - set(exp))
+            if missing or extra:
+                raise ValueError(f"Llama params{prefix}: missing keys {missing}, "
+                                 f"unexpected keys {extra}")
+            out = {}
+            for name, shape in exp.items():
+                if isinstance(shape, dict):
+                    out[name] = build(shape, got[name], f"{prefix}[{name!r}]")
+                    continue
+                leaf = got[name]
+                if tuple(leaf.shape) != tuple(shape):
+                    raise ValueError(f"Llama param{prefix}[{name!r}] has shape "
+                                     f"{tuple(leaf.shape)}, expected {tuple(shape)}")
+                out[name] = jnp.asarray(leaf, dtype=dtype)
+            return out
+
+        return cls(build(expected, params, ""), config)
+
+    @property
+    def dtype(self):
+        return self.params["embed"].dtype
+
+    def astype(self, dtype) -> "Llama":
+        dtype = parse_dtype(dtype)
+        return Llama(jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), self.params),
+                     self.config)
+
+    def num_params(self) -> int:
+        return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
+
+    # ------------------------------------------------------------------ protocols
+    def __call__(self, tokens):
+        """tokens int32[B, T] -> logits float32[B, T, V]; causal, positions 0..T-1."""
+        return _forward_jit(self, jnp.asarray(tokens, jnp.int32))
+
+    def init_cache(self, batch_size: int, max_length: int) -> KVCache:
+        """A zeroed ``KVCache`` with ``k, v: [L, batch_size, max_length, KV, hd]``."""
+        cfg = self.config
+        if int(batch_size) <= 0 or int(max_length) <= 0:
+            raise ValueError(f"batch_size and max_length must be positive, got "
+                             f"{batch_size!r}, {max_length!r}")
+        shape = (cfg.n_layers, int(batch_size), int(max_length), cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
+
+    def step(self, tokens, positions, cache: KVCache):
+        """One cached forward pass.
+
+        Writes the key/value of ``tokens[b, t]`` to cache slot ``positions[b, t]`` (positions
+        outside ``[0, S)`` are dropped), then lets the query at position p attend to slots 0..p.
+        Returns ``(logits float32[B, T, V], new_cache)``. The input cache is not consumed; wrap
+        the call in ``jax.jit(..., donate_argnums=...)`` to update it in place.
+        """
+        return _step_jit(self, jnp.asarray(tokens, jnp.int32),
+                         jnp.asarray(positions, jnp.int32), cache)
+
+    # ------------------------------------------------------------------ implementation
+    def _embed(self, tokens):
+        return jnp.take(self.params["embed"], tokens, axis=0, mode="clip")
+
+    def _head(self, x):
+        p, cfg = self.params, self.config
+        h = rms_norm(x, p["norm"], cfg.norm_eps)
+        if cfg.tie_embeddings:
+            w = p["embed"]
+            return jnp.einsum("btd,vd->btv", h.astype(w.dtype), w,
+                              preferred_element_type=jnp.float32)
+        w = p["lm_head"]
+        return jnp.einsum("btd,dv->btv", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+
+    def _qkv(self, lp, x, cos, sin):
+        cfg = self.config
+        B, T, _ = x.shape
+        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
+        q = linear(h, lp["wq"]).reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = linear(h, lp["wk"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = linear(h, lp["wv"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        q = apply_rope(q, cos, sin, cfg.rope_layout)
+        k = apply_rope(k, cos, sin, cfg.rope_layout)
+        return q, k, v
+
+    def _finish(self, lp, x, attn):
+        cfg = self.config
+        x = x + linear(attn, lp["wo"])
+        h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
+        g = linear(h, lp["w_gate"])
+        u = linear(h, lp["w_up"])
+        return x + linear(jax.nn.silu(g) * u, lp["w_down"])
+
+    def _forward(self, tokens):
+        cfg = self.config
+        B, T = tokens.shape
+        positions = jnp.arange(T, dtype=jnp.int32)
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_freq_factors)  # [T, hd/2]
+        mask = jnp.tril(jnp.ones((T, T), bool))[None]
+        x = self._embed(tokens)
+
+        def layer(x, lp):
+            q, k, v = self._qkv(lp, x, cos, sin)
+            return self._finish(lp, x, attention(q, k, v, mask)), None
+
+        x, _ = jax.lax.scan(layer, x, self.params["layers"])
+        return self._head(x)
+
+    def _step(self, tokens, positions, cache):
+        cfg = self.config
+        B, T = tokens.shape
+        ck, cv = cache
+        S = ck.shape[2]
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_freq_factors)  # [B, T, hd/2]
+        mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+        rows = jnp.arange(B, dtype=jnp.int32)[:, None]
+        x = self._embed(tokens)
+
+        def layer(carry, xs):
+            x, kc, vc = carry
+            lp, i = xs
+            q, k, v = self._qkv(lp, x, cos, sin)
+            kc = kc.at[i, rows, positions].set(k.astype(kc.dtype), mode="drop")
+            vc = vc.at[i, rows, positions].set(v.astype(vc.dtype), mode="drop")
+            attn = attention(q, kc[i], vc[i], mask)
+            return (self._finish(lp, x, attn), kc, vc), None
+
+        idx = jnp.arange(cfg.n_layers, dtype=jnp.int32)
+        (x, kc, vc), _ = jax.lax.scan(layer, (x, ck, cv), (self.params["layers"], idx))
+        return self._head(x), KVCache(kc, vc)
+
+
+jax.tree_util.register_dataclass(Llama, data_fields=["params"], meta_fields=["config"])
+
+_forward_jit = jax.jit(lambda model, tokens: model._forward(tokens))
+_step_jit = jax.jit(lambda model, tokens, positions, cache: model._step(tokens, positions, cache))
