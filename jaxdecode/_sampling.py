@@ -147,6 +147,13 @@ def _inverse_cdf(u: jax.Array, w: jax.Array) -> jax.Array:
 
 
 def _typical_keep(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_threshold) -> jax.Array:
+    """Applies the typical-p filter to the rows with ``typical_p < 1`` (see _typical_rows)."""
+    on = typical_p < 1.0
+    rows = lambda: jnp.where(on[..., None], _typical_rows(l, keep, typical_p, ok_threshold), keep)
+    return lax.cond(jnp.any(on), rows, lambda: keep)
+
+
+def _typical_rows(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_threshold) -> jax.Array:
     """Locally typical sampling on the kept set.
 
     Keeps the tokens whose surprisal is closest to the entropy of the (renormalised) kept
@@ -164,23 +171,30 @@ def _typical_keep(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_thresh
     d = jnp.where(keep, jnp.abs(-logq - entropy), jnp.inf)
     dkeys = _sortable(-d)  # larger key = more typical
     t = ok_threshold(dkeys, w, typical_p * z[..., 0])
-    return jnp.where((typical_p < 1.0)[..., None], keep & (dkeys >= t[..., None]), keep)
+    return keep & (dkeys >= t[..., None])
 
 
 # ---------------------------------------------------------------------------------------
 # Full-vocabulary exact filters (public, and the fallback path of the sampler)
 
 
+def _when_any(active: jax.Array, search, shape) -> jax.Array:
+    """Runs a threshold search only if some row uses the filter (0 = keep all otherwise)."""
+    off = lambda: jnp.zeros(shape, jnp.uint32)
+    return jnp.where(active, lax.cond(jnp.any(active), search, off), jnp.uint32(0))
+
+
 def _top_k_threshold(keys: jax.Array, k: jax.Array) -> jax.Array:
     vocab = keys.shape[-1]
-    k_eff = jnp.where((k <= 0) | (k >= vocab), vocab, k)
-    return _largest_threshold(keys, lambda mask: jnp.sum(mask, axis=-1) >= k_eff)
+    on = (k > 0) & (k < vocab)
+    search = lambda: _largest_threshold(keys, lambda mask: jnp.sum(mask, axis=-1, dtype=jnp.int32) >= k)
+    return _when_any(on, search, keys.shape[:-1])
 
 
 def _top_p_threshold(keys: jax.Array, w: jax.Array, p: jax.Array) -> jax.Array:
     target = p * jnp.sum(w, axis=-1)
-    t = _largest_threshold(keys, lambda mask: _masked_sum(mask, w) >= target)
-    return jnp.where(p >= 1.0, jnp.uint32(0), t)
+    search = lambda: _largest_threshold(keys, lambda mask: _masked_sum(mask, w) >= target)
+    return _when_any(p < 1.0, search, keys.shape[:-1])
 
 
 def _bisect_mass(keys: jax.Array, w: jax.Array, target: jax.Array) -> jax.Array:
