@@ -119,6 +119,31 @@ def test_bare_gpt2_names_and_extra_buffers(tmp_path, ref):
                                atol=1e-4, rtol=1e-5)
 
 
+def test_untied_gpt2_head(tmp_path, ref):
+    """tie_word_embeddings=false: lm_head.weight (nn.Linear, [V, D]) is read and transposed."""
+    from safetensors.numpy import load_file, save_file
+
+    dst = _copy("gpt2_tiny", tmp_path)
+    cfg = json.loads((dst / "config.json").read_text())
+    (dst / "config.json").write_text(json.dumps(dict(cfg, tie_word_embeddings=False)))
+    tensors = load_file(str(dst / "model.safetensors"))
+    rng = np.random.RandomState(0)
+    delta = (0.5 * rng.randn(64, 32)).astype(np.float32)
+    tensors["lm_head.weight"] = tensors["transformer.wte.weight"] + delta
+    save_file(tensors, str(dst / "model.safetensors"))
+    model, _ = load_hf_checkpoint(dst, load_tokenizer=False)
+    assert not model.config.tie_embeddings and model.params["lm_head"].shape == (32, 64)
+    tied, _ = load_hf_checkpoint(os.path.join(FIXTURES, "gpt2_tiny"), load_tokenizer=False)
+    # logits = h @ (wte + delta).T, where h (the final hidden state) is the tied model's
+    tokens = ref["tokens"]
+    h_logits = np.asarray(model(tokens)) - ref["gpt2_tiny/logits"]
+    assert np.abs(h_logits).max() > 1e-2
+    # recover h from the tied model via least squares and check the extra term is h @ delta.T
+    wte = np.asarray(tied.params["wte"])
+    h = np.linalg.lstsq(wte, ref["gpt2_tiny/logits"].reshape(-1, 64).T, rcond=None)[0].T
+    np.testing.assert_allclose(h_logits.reshape(-1, 64), h @ delta.T, atol=2e-3)
+
+
 def test_truncated_safetensors_names_the_file(tmp_path):
     dst = _copy("gpt2_tiny", tmp_path)
     f = dst / "model.safetensors"
@@ -135,6 +160,17 @@ def test_truncated_shard_names_the_shard(tmp_path):
     f = dst / "model-00003-of-00004.safetensors"
     f.write_bytes(f.read_bytes()[:-100])
     with pytest.raises(ValueError, match=r"model-00003-of-00004\.safetensors"):
+        load_hf_checkpoint(dst)
+
+
+def test_sharded_reads_only_indexed_files(tmp_path, ref):
+    dst = _copy("llama_tiny_untied", tmp_path)
+    (dst / "consolidated.safetensors").write_bytes(b"not a safetensors file")
+    model, _ = load_hf_checkpoint(dst)
+    np.testing.assert_allclose(np.asarray(model(ref["tokens"])), ref["llama_tiny_untied/logits"],
+                               atol=1e-4, rtol=1e-5)
+    os.remove(dst / "model-00002-of-00004.safetensors")
+    with pytest.raises(FileNotFoundError, match="model-00002-of-00004"):
         load_hf_checkpoint(dst)
 
 

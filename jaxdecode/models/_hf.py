@@ -51,7 +51,17 @@ class _Tensors:
         from safetensors import safe_open
 
         self.folder = folder
+        self._index = self._read_index(strip_prefixes)
         self.files = sorted(folder.glob("*.safetensors"))
+        if self._index:
+            # A sharded checkpoint: read the shards its index names (a folder may also hold
+            # other weight files, e.g. Mistral's consolidated.safetensors).
+            listed = set(self._index.values())
+            missing = sorted(n for n in listed if not (folder / n).is_file())
+            if missing:
+                raise FileNotFoundError(f"checkpoint folder {str(folder)!r} lacks the shard(s) "
+                                        f"{missing} named by its safetensors index")
+            self.files = [f for f in self.files if f.name in listed]
         if not self.files:
             raise FileNotFoundError(f"no *.safetensors files in checkpoint folder {str(folder)!r}")
         self._handles = {}
@@ -71,7 +81,6 @@ class _Tensors:
                         name = name[len(p):]
                         break
                 self._where.setdefault(name, (f, k))
-        self._index = self._read_index(strip_prefixes)
 
     def _read_index(self, strip_prefixes):
         """The ``*.safetensors.index.json`` weight map (stripped name -> file), if any."""
