@@ -109,11 +109,12 @@ def test_ragged_right_padded_prompts_match_per_prompt_runs():
     for b, pr in enumerate(prompts):
         batch[b, :len(pr)] = pr
     cache = m.init_cache(len(lengths), P + N)
-    logits, cache = m.step(batch, np.broadcast_to(np.arange(P, dtype=np.int32), batch.shape), cache)
-    logits = np.asarray(logits)
+    prefill, cache = m.step(batch, np.broadcast_to(np.arange(P, dtype=np.int32), batch.shape),
+                            cache)
+    prefill = np.asarray(prefill)
     # greedy continuation, each row from its own length
     seqs = [list(pr) for pr in prompts]
-    nxt = np.array([logits[b, n - 1].argmax() for b, n in enumerate(lengths)], np.int32)
+    nxt = np.array([prefill[b, n - 1].argmax() for b, n in enumerate(lengths)], np.int32)
     pos = np.array(lengths, np.int32)
     per_step = []
     for _ in range(N):
@@ -124,10 +125,12 @@ def test_ragged_right_padded_prompts_match_per_prompt_runs():
         nxt = per_step[-1].argmax(-1).astype(np.int32)
         pos = pos + 1
     for b, n in enumerate(lengths):
-        alone = np.asarray(m(np.array([seqs[b]], np.int32)))[0]
-        got_prefill = np.asarray(m.step(batch[b:b + 1, :n], np.arange(n, dtype=np.int32)[None],
-                                        m.init_cache(1, P + N))[0])[0]
-        np.testing.assert_allclose(got_prefill, alone[:n], atol=1e-4, rtol=1e-5)
+        # each prompt + continuation on its own (batch 1; right-padded to one length so one
+        # compilation serves all rows: causal attention keeps the padding out of earlier logits)
+        alone_in = np.full((1, P + N), 0, np.int32)
+        alone_in[0, :n + N] = seqs[b]
+        alone = np.asarray(m(alone_in))[0]
+        np.testing.assert_allclose(prefill[b, :n], alone[:n], atol=1e-4, rtol=1e-5)
         for i in range(N):
             np.testing.assert_allclose(per_step[i][b], alone[n + i], atol=1e-4, rtol=1e-5)
 
