@@ -1,0 +1,300 @@
+"""Beam search as one compiled ``lax.scan`` over fixed buffers.
+
+Semantics follow Hugging Face's ``num_beams`` search:
+
+* A hypothesis' score is ``sum of generated log-probs / generated_length ** length_penalty``
+  (the length counts the EOS token when there is one).
+* Each step takes the ``2 * num_beams`` best (beam, token) extensions. An extension ending in
+  EOS and ranked among the first ``num_beams`` becomes a finished hypothesis; the best
+  ``num_beams`` extensions not ending in EOS become the live beams.
+* Up to ``num_beams`` finished hypotheses are kept per prompt, best first. After the last step
+  the live beams are finished too (at ``max_new_tokens``), and the best
+  ``num_return_sequences`` are returned.
+* Early stop: a prompt is done once it holds ``num_beams`` finished hypotheses and no live
+  beam can beat the worst of them. The bound is exact: log-probs only decrease, so with
+  ``length_penalty > 0`` the best a live beam can reach is its current sum divided by the
+  largest length it can still have, and with ``length_penalty <= 0`` by its current length.
+  Early stopping never changes the result; it only skips work (``lax.cond`` skips the model
+  once every prompt is done).
+
+The model's cache, any pytree, is reordered by beam each step along each leaf's batch axis
+(found from ``init_cache``'s shapes, see :mod:`jaxdecode._cache`).
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _cache
+from . import _validate as V
+
+
+class BeamSearchOutput(NamedTuple):
+    """Beam search results, best first along axis 1.
+
+    Attributes:
+      tokens: int32[B, R, P + N]: the prompt, the hypothesis' tokens, then ``pad_id``.
+      lengths: int32[B, R]: valid tokens per hypothesis, prompt included.
+      scores: float32[B, R]: length-normalised scores (see module docstring).
+      sum_logprobs: float32[B, R]: sum of the generated tokens' log-probabilities.
+    """
+
+    tokens: jax.Array
+    lengths: jax.Array
+    scores: jax.Array
+    sum_logprobs: jax.Array
+
+
+class BeamState(NamedTuple):
+    """The scan carry of beam search (B prompts, K beams, L = P + N buffer, V vocab).
+
+    Attributes:
+      live_tokens: int32[B, K, L]: each live beam's tokens (prompt first).
+      live_logp: float32[B, K]: sum of each live beam's generated log-probs (-inf: no beam).
+      logits: float32[B * K, V]: each live beam's next-token logits.
+      cache: the model's cache for B * K rows.
+      fin_tokens: int32[B, K, L]: finished hypotheses, best first.
+      fin_scores: float32[B, K]: their scores (-inf: empty slot).
+      fin_logp: float32[B, K]: their summed log-probs.
+      fin_lengths: int32[B, K]: their lengths, prompt included.
+      done: bool[B]: the prompt's result can no longer change.
+    """
+
+    live_tokens: jax.Array
+    live_logp: jax.Array
+    logits: jax.Array
+    cache: Any
+    fin_tokens: jax.Array
+    fin_scores: jax.Array
+    fin_logp: jax.Array
+    fin_lengths: jax.Array
+    done: jax.Array
+
+
+def _length_norm(logp: jax.Array, length: jax.Array, alpha: jax.Array) -> jax.Array:
+    return logp / jnp.power(length.astype(jnp.float32), alpha)
+
+
+def _merge_finished(state: BeamState, cand_tokens, cand_scores, cand_logp, cand_lengths, k: int):
+    """Keeps the best ``k`` of the current finished hypotheses and the new candidates."""
+    scores = jnp.concatenate([state.fin_scores, cand_scores], axis=1)
+    best_scores, order = lax.top_k(scores, k)
+    take = lambda a, b: jnp.take_along_axis(jnp.concatenate([a, b], axis=1), order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+    return (
+        take(state.fin_tokens, cand_tokens),
+        best_scores,
+        take(state.fin_logp, cand_logp),
+        take(state.fin_lengths, cand_lengths),
+    )
+
+
+def _beam_step(state: BeamState, i, *, model, axes, eos, k, n, alpha, prompt_lengths, pad_id):
+    b, _, total = state.live_tokens.shape
+    vocab = state.logits.shape[-1]
+    logp = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
+    cand = (state.live_logp[..., None] + logp).reshape(b, k * vocab)
+    vals, flat = lax.top_k(cand, 2 * k)  # ties: lowest (beam, token) first
+    beam = flat // vocab
+    tok = (flat % vocab).astype(jnp.int32)
+    pos = prompt_lengths + i  # where the new token goes, per prompt
+    is_eos = jnp.any(tok[..., None] == eos, axis=-1) & (vals > -jnp.inf)
+
+    parents = jnp.take_along_axis(state.live_tokens, beam[..., None], axis=1)  # [B, 2K, L]
+    extended = jnp.where(jnp.arange(total) == pos[:, None, None], tok[..., None], parents)
+
+    # Finished candidates: EOS among the first K ranks (as Hugging Face does).
+    gen_len = i + 1
+    eligible = is_eos & (jnp.arange(2 * k) < k) & ~state.done[:, None]
+    cand_scores = jnp.where(eligible, _length_norm(vals, gen_len, alpha), -jnp.inf)
+    fin = _merge_finished(state, extended, cand_scores, vals, jnp.broadcast_to(pos[:, None] + 1, vals.shape), k)
+
+    # Live beams: the best K extensions that do not end in EOS.
+    live_vals, pick = lax.top_k(jnp.where(is_eos, -jnp.inf, vals), k)
+    live_tokens = jnp.take_along_axis(extended, pick[..., None], axis=1)
+    live_beam = jnp.take_along_axis(beam, pick, axis=1)
+    rows = (jnp.arange(b)[:, None] * k + live_beam).reshape(-1)
+    cache = _cache.take_rows(state.cache, axes, rows)
+    new_tok = jnp.take_along_axis(tok, pick, axis=1).reshape(b * k, 1)
+
+    # Done: k finished and no live beam can beat the worst of them (exact bound).
+    best_live = jnp.max(live_vals, axis=1)
+    bound_len = jnp.where(alpha > 0, n, gen_len)
+    bound = jnp.where(best_live > -jnp.inf, _length_norm(best_live, bound_len, alpha), -jnp.inf)
+    full = fin[1][:, -1] > -jnp.inf
+    done = state.done | (full & (fin[1][:, -1] >= bound))
+
+    def run_model(c):
+        positions = jnp.repeat(pos, k)[:, None]
+        logits, c = model.step(new_tok, positions, c)
+        return logits[:, -1, :].astype(jnp.float32), c
+
+    skip = jnp.all(done) | (i + 1 >= n)  # nothing left to decide, or no next step
+    logits, cache = lax.cond(skip, lambda c: (state.logits, c), run_model, cache)
+    new = BeamState(live_tokens, live_vals, logits, cache, *fin, done)
+    # Prompts already done keep their state (their finished set can no longer change).
+    keep_old = state.done
+    sel = lambda o, nw: jnp.where(keep_old.reshape((b,) + (1,) * (nw.ndim - 1)), o, nw)
+    new = new._replace(
+        live_tokens=sel(state.live_tokens, new.live_tokens),
+        live_logp=sel(state.live_logp, new.live_logp),
+        fin_tokens=sel(state.fin_tokens, new.fin_tokens),
+        fin_scores=sel(state.fin_scores, new.fin_scores),
+        fin_logp=sel(state.fin_logp, new.fin_logp),
+        fin_lengths=sel(state.fin_lengths, new.fin_lengths),
+    )
+    return new, None
+
+
+def _finalize(state: BeamState, *, k, r, n, alpha, prompt_lengths, pad_id) -> BeamSearchOutput:
+    """Adds the live beams still running (at max length) to the finished set; best r first."""
+    b = state.live_logp.shape[0]
+    # Prompts that stopped early already hold their result; the others' live beams have
+    # reached max_new_tokens and become hypotheses.
+    length = prompt_lengths[:, None] + n
+    running = ~state.done[:, None] & (state.live_logp > -jnp.inf)
+    scores = jnp.where(running, _length_norm(state.live_logp, jnp.int32(n), alpha), -jnp.inf)
+    tokens, fscores, flogp, flens = _merge_finished(
+        state, state.live_tokens, scores, state.live_logp, jnp.broadcast_to(length, (b, k)), k
+    )
+    total = tokens.shape[-1]
+    valid = jnp.arange(total)[None, None, :] < flens[..., None]
+    tokens = jnp.where(valid, tokens, pad_id)
+    return BeamSearchOutput(tokens[:, :r], flens[:, :r], fscores[:, :r], flogp[:, :r])
+
+
+def beam_search(
+    model: Any,
+    prompt: Any,
+    max_new_tokens: int,
+    *,
+    num_beams: int,
+    length_penalty: float = 1.0,
+    eos_id: int | list[int] | None = None,
+    num_return_sequences: int = 1,
+    prompt_lengths: Any = None,
+    pad_id: int = 0,
+) -> BeamSearchOutput:
+    """Beam search over a KV-cached model (see ``docs/CONTRACTS.md``), compiled once per shape.
+
+    Args:
+      model: an object with ``init_cache(batch_size, max_length)`` and
+        ``step(tokens, positions, cache) -> (logits, cache)``; any cache pytree works.
+      prompt: int32[B, P], right-padded when ragged.
+      max_new_tokens: N >= 1, static.
+      num_beams: K >= 1, static. ``num_beams=1`` is greedy decoding.
+      length_penalty: exponent on the generated length in the score (traced).
+      eos_id: one id or a list; None means hypotheses only end at max_new_tokens.
+      num_return_sequences: R in [1, K], static.
+      prompt_lengths: int[B] real prompt lengths (default P).
+      pad_id: value in unused slots.
+
+    Returns:
+      :class:`BeamSearchOutput`, hypotheses best first.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxdecode
+      >>> from jaxdecode import CachedModel
+      >>> table = jnp.log(jnp.array([[.1, .6, .3], [.5, .1, .4], [.3, .3, .4]]))
+      >>> model = CachedModel(init_cache=lambda b, n: jnp.zeros((b,)),
+      ...                     step=lambda t, p, c: (table[t], c))
+      >>> out = jaxdecode.beam_search(model, jnp.array([[0]]), 2, num_beams=3)
+      >>> out.tokens[0, 0].tolist()
+      [0, 1, 0]
+    """
+    fn = "jaxdecode.beam_search"
+    prompt, prompt_lengths, eos = _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_sequences, prompt_lengths, eos_id, pad_id)
+    V.check_knob(fn, "length_penalty", length_penalty, allowed="a finite number")
+    return _beam_search_jit(
+        model, prompt, prompt_lengths, eos, jnp.asarray(length_penalty, jnp.float32), jnp.int32(pad_id),
+        max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), num_return=int(num_return_sequences),
+    )
+
+
+def _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_sequences, prompt_lengths, eos_id, pad_id):
+    if not (hasattr(model, "init_cache") and hasattr(model, "step")):
+        raise TypeError(
+            f"{fn}: `model` must provide init_cache(batch_size, max_length) and step(tokens, positions, cache) "
+            f"(the KV-cached protocol); got {type(model).__name__}. Wrap functions with jaxdecode.CachedModel."
+        )
+    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1), ("num_return_sequences", num_return_sequences, 1)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+            raise TypeError(f"{fn}: `{name}` must be a Python int, got {value!r}.")
+        if value < low:
+            raise ValueError(f"{fn}: `{name}` must be >= {low}, got {value}.")
+    if num_return_sequences > num_beams:
+        raise ValueError(f"{fn}: `num_return_sequences` ({num_return_sequences}) must be <= num_beams ({num_beams}).")
+    prompt = jnp.asarray(prompt)
+    if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise ValueError(f"{fn}: `prompt` must be an integer array of shape [batch, prompt_len], got dtype {prompt.dtype} and shape {tuple(prompt.shape)}.")
+    b, p = prompt.shape
+    if prompt_lengths is None:
+        prompt_lengths = jnp.full((b,), p, jnp.int32)
+    else:
+        if np.shape(prompt_lengths) != (b,):
+            raise ValueError(f"{fn}: `prompt_lengths` must have shape ({b},), got {np.shape(prompt_lengths)}.")
+        V.check_knob(fn, "prompt_lengths", prompt_lengths, low=1, high=p, integer=True, allowed=f"integers in [1, {p}]")
+        prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
+    ids = [] if eos_id is None else np.atleast_1d(np.asarray(eos_id, np.int64)).tolist()
+    for e in ids:
+        if e < 0:
+            raise ValueError(f"{fn}: `eos_id` must be non-negative token ids, got {eos_id!r}.")
+    eos = jnp.asarray(ids if ids else [-1], jnp.int32)
+    return prompt.astype(jnp.int32), prompt_lengths, eos
+
+
+def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_new_tokens, num_beams, num_return):
+    b, p = prompt.shape
+    k, n = num_beams, max_new_tokens
+    total = p + n
+    axes = _cache.cache_batch_axes(model.init_cache, total)
+
+    # One prefill per prompt, then the cache is broadcast to the beams.
+    cache = model.init_cache(b, total)
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    logits, cache = model.step(prompt, positions, cache)
+    if logits.ndim != 3 or logits.shape[:2] != (b, p):
+        raise ValueError(f"jaxdecode.beam_search: model.step returned logits of shape {logits.shape}; expected [B, T, V] = [{b}, {p}, V].")
+    last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
+    rows = jnp.repeat(jnp.arange(b), k)
+    cache = _cache.take_rows(cache, axes, rows)
+    buf = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(jnp.where(jnp.arange(p) < prompt_lengths[:, None], prompt, pad_id))
+    live_logp = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((b, 1))
+    state = BeamState(
+        live_tokens=jnp.broadcast_to(buf[:, None], (b, k, total)),
+        live_logp=live_logp,
+        logits=jnp.repeat(last, k, axis=0),
+        cache=cache,
+        fin_tokens=jnp.zeros((b, k, total), jnp.int32),
+        fin_scores=jnp.full((b, k), -jnp.inf),
+        fin_logp=jnp.full((b, k), -jnp.inf),
+        fin_lengths=jnp.zeros((b, k), jnp.int32),
+        done=jnp.zeros((b,), bool),
+    )
+    step = lambda s, i: _beam_step(s, i, model=model, axes=axes, eos=eos, k=k, n=n, alpha=alpha, prompt_lengths=prompt_lengths, pad_id=pad_id)
+    state, _ = lax.scan(step, state, jnp.arange(n))
+    return _finalize(state, k=k, r=num_return, n=n, alpha=alpha, prompt_lengths=prompt_lengths, pad_id=pad_id)
+
+
+def _is_pytree_model(model: Any) -> bool:
+    """True when the model flattens to arrays only (its params can then be traced)."""
+    leaves = jax.tree_util.tree_leaves(model)
+    return bool(leaves) and not (len(leaves) == 1 and leaves[0] is model) and all(
+        isinstance(x, (jax.Array, np.ndarray)) for x in leaves
+    )
+
+
+def _beam_search_jit(model, *args, **static):
+    # A pytree model travels as a traced argument (new params reuse the compilation);
+    # any other model object is static, hashed by identity.
+    if _is_pytree_model(model):
+        return _BEAM_TRACED(model, *args, **static)
+    return _BEAM_STATIC(model, *args, **static)
+
+
+_BEAM_TRACED = jax.jit(_beam_search_impl, static_argnames=("max_new_tokens", "num_beams", "num_return"))
+_BEAM_STATIC = jax.jit(_beam_search_impl, static_argnums=0, static_argnames=("max_new_tokens", "num_beams", "num_return"))

@@ -1,0 +1,123 @@
+"""Beam search: brute-force optimality on a tiny random model, greedy equivalence, EOS, ragged."""
+
+import itertools
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdecode
+
+
+class _Cached(NamedTuple):
+    init_cache: Callable[[int, int], Any]
+    step: Callable
+
+
+def trigram_model(vocab: int, seed: int = 0):
+    """A KV-protocol model whose logits depend on the last two tokens (cache = token history)."""
+    table = jax.random.normal(jax.random.key(seed), (vocab, vocab, vocab)) * 2.0
+
+    def init_cache(batch, length):
+        return {"hist": jnp.zeros((batch, length), jnp.int32)}
+
+    def step(tokens, positions, cache):
+        b = tokens.shape[0]
+        hist = cache["hist"].at[jnp.arange(b)[:, None], positions].set(tokens)
+        prev = jnp.take_along_axis(hist, jnp.maximum(positions - 1, 0), axis=1)
+        prev = jnp.where(positions > 0, prev, 0)
+        return table[prev, tokens], {"hist": hist}
+
+    return _Cached(init_cache, step), np.asarray(table)
+
+
+def brute_force(table, prompt, n, alpha, eos):
+    """Best (score, generated tokens) over all continuations of length <= n (EOS ends one)."""
+    logsm = table - np.log(np.exp(table - table.max(-1, keepdims=True)).sum(-1, keepdims=True)) - table.max(-1, keepdims=True)
+    vocab = table.shape[0]
+    best = (-np.inf, None)
+    for length in range(1, n + 1):
+        for seq in itertools.product(range(vocab), repeat=length):
+            if eos is not None and any(t == eos for t in seq[:-1]):
+                continue
+            if eos is not None and length < n and seq[-1] != eos:
+                continue
+            toks = list(prompt) + list(seq)
+            lp = 0.0
+            for j in range(len(prompt), len(toks)):
+                prev = toks[j - 2] if j >= 2 else 0
+                lp += logsm[prev, toks[j - 1], toks[j]]
+            score = lp / length**alpha
+            if score > best[0] + 1e-6:
+                best = (score, list(seq))
+    return best
+
+
+@pytest.mark.parametrize("alpha,eos", [(1.0, 2), (0.0, 2), (2.0, 1), (1.0, None)])
+def test_beam_search_matches_brute_force(alpha, eos):
+    vocab, n = 4, 3
+    model, table = trigram_model(vocab, seed=int(alpha * 10) + (eos or 0))
+    prompts = np.array([[1, 3], [0, 1]], np.int32)
+    out = jaxdecode.beam_search(model, prompts, n, num_beams=vocab ** (n - 1), length_penalty=alpha, eos_id=eos)
+    for b in range(2):
+        score, seq = brute_force(table, prompts[b], n, alpha, eos)
+        length = int(out.lengths[b, 0]) - 2
+        assert out.tokens[b, 0, 2 : 2 + length].tolist() == seq
+        np.testing.assert_allclose(float(out.scores[b, 0]), score, rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(out.tokens[b, 0, 2 + length :]) == 0)
+
+
+def test_num_beams_one_is_greedy():
+    vocab, n = 7, 6
+    model, table = trigram_model(vocab, seed=3)
+    prompt = jnp.array([[1, 2, 3]], jnp.int32)
+    out = jaxdecode.beam_search(model, prompt, n, num_beams=1)
+    # Greedy by hand.
+    toks = [1, 2, 3]
+    for _ in range(n):
+        toks.append(int(np.argmax(table[toks[-2], toks[-1]])))
+    assert out.tokens[0, 0].tolist() == toks
+
+
+def test_ragged_prompts_equal_separate_runs():
+    vocab, n = 6, 4
+    model, _ = trigram_model(vocab, seed=5)
+    prompts = jnp.array([[1, 2, 3, 4], [5, 1, 0, 0]], jnp.int32)
+    out = jaxdecode.beam_search(model, prompts, n, num_beams=3, num_return_sequences=2, prompt_lengths=[4, 2], eos_id=0, pad_id=0)
+    alone = jaxdecode.beam_search(model, prompts[1:, :2], n, num_beams=3, num_return_sequences=2, eos_id=0)
+    np.testing.assert_array_equal(out.lengths[1], alone.lengths[0])
+    np.testing.assert_allclose(out.scores[1], alone.scores[0], rtol=1e-6)
+    width = alone.tokens.shape[-1]
+    np.testing.assert_array_equal(out.tokens[1, :, :width], alone.tokens[0])
+    assert np.all(np.asarray(out.tokens[1, :, width:]) == 0)
+
+
+def test_returns_sorted_scores_and_eos_lengths():
+    vocab, n = 5, 5
+    model, _ = trigram_model(vocab, seed=11)
+    out = jaxdecode.beam_search(model, jnp.array([[1, 2]]), n, num_beams=4, num_return_sequences=4, eos_id=3)
+    scores = np.asarray(out.scores[0])
+    assert np.all(np.diff(scores) <= 1e-7)
+    for r in range(4):
+        length = int(out.lengths[0, r])
+        row = out.tokens[0, r].tolist()
+        gen = row[2:length]
+        assert 3 not in gen[:-1]  # EOS only at the end
+        assert length == 2 + n or gen[-1] == 3
+
+
+def test_bad_inputs():
+    model, _ = trigram_model(4)
+    prompt = jnp.array([[1, 2]])
+    with pytest.raises(ValueError, match="num_beams"):
+        jaxdecode.beam_search(model, prompt, 3, num_beams=0)
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        jaxdecode.beam_search(model, prompt, 3, num_beams=2, num_return_sequences=3)
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        jaxdecode.beam_search(model, prompt, 0, num_beams=2)
+    with pytest.raises(TypeError, match="init_cache"):
+        jaxdecode.beam_search(lambda t: t, prompt, 3, num_beams=2)
+    with pytest.raises(ValueError, match="prompt_lengths"):
+        jaxdecode.beam_search(model, prompt, 3, num_beams=2, prompt_lengths=[3])
