@@ -24,3 +24,6 @@ from ._processors import logit_bias as logit_bias
 from ._processors import min_new_tokens as min_new_tokens
 from ._processors import penalties as penalties
 from ._processors import repetition_penalty as repetition_penalty
+
+from ._beam import BeamSearchOutput as BeamSearchOutput
+from ._beam import beam_search as beam_search
