@@ -89,6 +89,22 @@ def test_bfloat16_load(name, ref):
     assert (got.argmax(-1) == want.argmax(-1)).mean() > 0.8
 
 
+def test_bfloat16_checkpoint_file(tmp_path, models):
+    """Real Llama checkpoints store bfloat16 tensors: they load (and upcast) exactly."""
+    from safetensors.numpy import load_file, save_file
+
+    dst = _copy("llama_tiny_tied", tmp_path)
+    f = str(dst / "model.safetensors")
+    save_file({k: v.astype(jnp.bfloat16) for k, v in load_file(f).items()}, f)
+    model, _ = load_hf_checkpoint(dst)
+    want = jax.tree_util.tree_map(lambda a: np.asarray(a.astype(jnp.bfloat16), np.float32),
+                                  models["llama_tiny_tied"].params)
+    assert jax.tree_util.tree_structure(model.params) == jax.tree_util.tree_structure(want)
+    for got, exp in zip(jax.tree_util.tree_leaves(model.params), jax.tree_util.tree_leaves(want)):
+        assert got.dtype == jnp.float32
+        np.testing.assert_array_equal(np.asarray(got), exp)
+
+
 def test_tokenizer_json_is_loaded_when_present():
     model, tok = load_hf_checkpoint(os.path.join(FIXTURES, "gpt2_tiny"))
     from jaxdecode.models._tokenizer import Tokenizer
@@ -142,6 +158,22 @@ def test_untied_gpt2_head(tmp_path, ref):
     wte = np.asarray(tied.params["wte"])
     h = np.linalg.lstsq(wte, ref["gpt2_tiny/logits"].reshape(-1, 64).T, rcond=None)[0].T
     np.testing.assert_allclose(h_logits.reshape(-1, 64), h @ delta.T, atol=2e-3)
+
+
+def test_raw_reader_matches_safetensors(tmp_path):
+    """The fallback reader (used when safetensors cannot give bfloat16 as NumPy)."""
+    from safetensors.numpy import load_file, save_file
+
+    from jaxdecode.models._hf import _read_raw_tensor
+
+    f = os.path.join(FIXTURES, "llama_tiny_tied", "model.safetensors")
+    for k, v in load_file(f).items():
+        np.testing.assert_array_equal(_read_raw_tensor(f, k), v)
+    x = np.arange(12, dtype=np.float32).reshape(3, 4) / 7
+    bf = tmp_path / "bf.safetensors"
+    save_file({"a": x.astype(jnp.bfloat16), "b": x.astype(np.float16)}, str(bf))
+    np.testing.assert_array_equal(_read_raw_tensor(bf, "a"), x.astype(jnp.bfloat16))
+    np.testing.assert_array_equal(_read_raw_tensor(bf, "b"), x.astype(np.float16))
 
 
 def test_truncated_safetensors_names_the_file(tmp_path):

@@ -113,7 +113,11 @@ class _Tensors:
             raise ValueError(f"missing tensor {name!r} in {where}")
         f, stored = self._where[name]
         try:
-            arr = self._handles[f].get_tensor(stored)
+            try:
+                arr = self._handles[f].get_tensor(stored)
+            except Exception:
+                # Older safetensors cannot give bfloat16 as NumPy; read the bytes directly.
+                arr = _read_raw_tensor(f, stored)
         except Exception as e:
             raise ValueError(f"cannot read tensor {stored!r} from safetensors file {str(f)!r} "
                              f"(truncated or corrupt?): {e}") from e
@@ -136,6 +140,28 @@ class _Tensors:
                 out = np.empty((n_layers,) + a.shape, dtype)
             out[i] = a
         return out
+
+
+_RAW_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": jnp.bfloat16}
+
+
+def _read_raw_tensor(path: Path, name: str) -> np.ndarray:
+    """Reads one float tensor from a safetensors file by its header (8-byte little-endian header
+    size, JSON header with dtype/shape/data_offsets, then the data)."""
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+        info = header[name]
+        dtype = np.dtype(_RAW_DTYPES[info["dtype"]])
+        start, end = info["data_offsets"]
+        count = int(np.prod(info["shape"], dtype=np.int64))
+        if end - start != count * dtype.itemsize:
+            raise ValueError(f"tensor {name!r}: data size {end - start} does not match its shape")
+        fh.seek(8 + n + start)
+        buf = fh.read(end - start)
+        if len(buf) != end - start:
+            raise ValueError(f"tensor {name!r}: file ends before its data")
+    return np.frombuffer(buf, dtype=dtype.newbyteorder("<")).reshape(info["shape"])
 
 
 # --------------------------------------------------------------------------- config helpers
