@@ -27,3 +27,9 @@ from ._processors import repetition_penalty as repetition_penalty
 
 from ._beam import BeamSearchOutput as BeamSearchOutput
 from ._beam import beam_search as beam_search
+
+from ._generate import CachedModel as CachedModel
+from ._generate import GenerateOutput as GenerateOutput
+from ._generate import StreamChunk as StreamChunk
+from ._generate import generate as generate
+from ._generate import generate_stream as generate_stream
