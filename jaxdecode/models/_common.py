@@ -21,6 +21,7 @@ __all__ = [
     "rope_angles",
     "apply_rope",
     "attention",
+    "prefix_buckets",
 ]
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
@@ -52,7 +53,7 @@ def linear(x, w):
 
     Every projection of the models goes through here, so a quantized weight format only has to
     teach this function about itself."""
-    y = jnp.einsum("...i,io->...o", x.astype(w.dtype), w, preferred_element_type=jnp.float32)
+    y = jnp.dot(x.astype(w.dtype), w, preferred_element_type=jnp.float32)
     return y.astype(w.dtype)
 
 
@@ -100,21 +101,33 @@ def apply_rope(x, cos, sin, layout: str):
 def attention(q, k, v, mask):
     """Grouped-query attention.
 
-    q: [B, T, H, hd]; k, v: [B, S, KV, hd] with H a multiple of KV (query head h uses kv head
-    h // (H // KV)); mask: bool, broadcastable to [B, T, S] (True = may attend).
+    q: [B, T, H, hd]; k, v: [B, KV, S, hd] (kv-head-major, the layout of the KV cache) with H a
+    multiple of KV (query head h uses kv head h // (H // KV)); mask: bool, broadcastable to
+    [B, T, S] (True = may attend; every query must be allowed at least one slot).
     Returns [B, T, H * hd] in q's dtype. Scores and softmax are float32.
     """
     B, T, H, hd = q.shape
-    KV = k.shape[2]
+    KV, S = k.shape[1], k.shape[2]
     G = H // KV
     qg = q.reshape(B, T, KV, G, hd)
-    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(q.dtype),
+    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(q.dtype),
                         preferred_element_type=jnp.float32)
     scores = scores * (1.0 / math.sqrt(hd))
-    m = jnp.broadcast_to(mask, (B, T, k.shape[1]))[:, None, None, :, :]
-    scores = jnp.where(m, scores, jnp.finfo(jnp.float32).min)
+    m = jnp.broadcast_to(mask, (B, T, S))[:, None, None, :, :]
+    scores = jnp.where(m, scores, -jnp.inf)
     scores = scores - jnp.max(scores, axis=-1, keepdims=True)
     p = jnp.exp(scores)
     p = p / jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bskd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    out = jnp.einsum("bkgts,bksd->btkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(B, T, H * hd).astype(q.dtype)
+
+
+def prefix_buckets(max_length: int, smallest: int = 128) -> tuple[int, ...]:
+    """Cache-prefix lengths the cached attention is compiled for: ``smallest`` doubling up to
+    (and always ending with) ``max_length``."""
+    sizes = []
+    b = smallest
+    while b < max_length:
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes) + (max_length,)

@@ -33,8 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import (ROPE_LAYOUTS, apply_rope, attention, linear, parse_dtype, rms_norm,
-                      rope_angles)
+from ._common import (ROPE_LAYOUTS, apply_rope, attention, linear, parse_dtype, prefix_buckets,
+                      rms_norm, rope_angles)
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "llama_param_shapes"]
 
@@ -119,8 +119,9 @@ def llama_param_shapes(cfg: LlamaConfig) -> dict:
 
 
 class KVCache(NamedTuple):
-    """Per-layer keys/values ``[L, B, S, KV, hd]`` in the weights' dtype; slot s holds the
-    key/value of the token at absolute position s."""
+    """Per-layer keys/values ``[L, B, KV, S, hd]`` (kv-head-major, so attention reads them
+    without a transpose) in the weights' dtype; slot s holds the key/value of the token at
+    absolute position s."""
 
     k: jax.Array
     v: jax.Array
@@ -209,12 +210,12 @@ class Llama:
         return _forward_jit(self, jnp.asarray(tokens, jnp.int32))
 
     def init_cache(self, batch_size: int, max_length: int) -> KVCache:
-        """A zeroed ``KVCache`` with ``k, v: [L, batch_size, max_length, KV, hd]``."""
+        """A zeroed ``KVCache`` with ``k, v: [L, batch_size, KV, max_length, hd]``."""
         cfg = self.config
         if int(batch_size) <= 0 or int(max_length) <= 0:
             raise ValueError(f"batch_size and max_length must be positive, got "
                              f"{batch_size!r}, {max_length!r}")
-        shape = (cfg.n_layers, int(batch_size), int(max_length), cfg.n_kv_heads, cfg.head_dim)
+        shape = (cfg.n_layers, int(batch_size), cfg.n_kv_heads, int(max_length), cfg.head_dim)
         return KVCache(jnp.zeros(shape, self.dtype), jnp.zeros(shape, self.dtype))
 
     def step(self, tokens, positions, cache: KVCache):
@@ -265,13 +266,15 @@ class Llama:
         cfg = self.config
         B, T = tokens.shape
         positions = jnp.arange(T, dtype=jnp.int32)
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_freq_factors)  # [T, hd/2]
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta,
+                               cfg.rope_freq_factors)  # [T, hd/2]
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
         x = self._embed(tokens)
 
         def layer(x, lp):
             q, k, v = self._qkv(lp, x, cos, sin)
-            return self._finish(lp, x, attention(q, k, v, mask)), None
+            attn = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+            return self._finish(lp, x, attn), None
 
         x, _ = jax.lax.scan(layer, x, self.params["layers"])
         return self._head(x)
@@ -280,19 +283,39 @@ class Llama:
         cfg = self.config
         B, T = tokens.shape
         ck, cv = cache
-        S = ck.shape[2]
-        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta, cfg.rope_freq_factors)  # [B, T, hd/2]
-        mask = jnp.arange(S, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+        L, _, KV, S, hd = ck.shape
+        cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta,
+                               cfg.rope_freq_factors)  # [B, T, hd/2]
         rows = jnp.arange(B, dtype=jnp.int32)[:, None]
         x = self._embed(tokens)
+
+        # Attention reads only a prefix of the cache that covers every slot any query may see:
+        # the smallest of a few static lengths >= max(positions) + 1 (one compiled branch each).
+        sizes = prefix_buckets(S)
+        need = jnp.max(positions) + 1
+        bucket = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need),
+                             len(sizes) - 1)
+
+        def attend_prefix(size):
+            def f(q, kc, vc, i):
+                kb = jax.lax.dynamic_slice(kc, (i, 0, 0, 0, 0), (1, B, KV, size, hd))[0]
+                vb = jax.lax.dynamic_slice(vc, (i, 0, 0, 0, 0), (1, B, KV, size, hd))[0]
+                mask = jnp.arange(size, dtype=jnp.int32)[None, None, :] <= positions[:, :, None]
+                return attention(q, kb, vb, mask)
+            return f
+
+        branches = [attend_prefix(size) for size in sizes]
 
         def layer(carry, xs):
             x, kc, vc = carry
             lp, i = xs
             q, k, v = self._qkv(lp, x, cos, sin)
-            kc = kc.at[i, rows, positions].set(k.astype(kc.dtype), mode="drop")
-            vc = vc.at[i, rows, positions].set(v.astype(vc.dtype), mode="drop")
-            attn = attention(q, kc[i], vc[i], mask)
+            kc = kc.at[i, rows, :, positions].set(k.astype(kc.dtype), mode="drop")
+            vc = vc.at[i, rows, :, positions].set(v.astype(vc.dtype), mode="drop")
+            if len(branches) == 1:
+                attn = branches[0](q, kc, vc, i)
+            else:
+                attn = jax.lax.switch(bucket, branches, q, kc, vc, i)
             return (self._finish(lp, x, attn), kc, vc), None
 
         idx = jnp.arange(cfg.n_layers, dtype=jnp.int32)
