@@ -33,3 +33,8 @@ from ._generate import GenerateOutput as GenerateOutput
 from ._generate import StreamChunk as StreamChunk
 from ._generate import generate as generate
 from ._generate import generate_stream as generate_stream
+
+from ._speculative import SpeculativeOutput as SpeculativeOutput
+from ._speculative import draft_model as draft_model
+from ._speculative import prompt_lookup as prompt_lookup
+from ._speculative import speculative_generate as speculative_generate

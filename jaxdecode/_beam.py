@@ -32,6 +32,7 @@ from jax import lax
 
 from . import _cache
 from . import _validate as V
+from ._modeljit import model_jit
 
 
 class BeamSearchOutput(NamedTuple):
@@ -280,21 +281,4 @@ def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_
     return _finalize(state, k=k, r=num_return, n=n, alpha=alpha, prompt_lengths=prompt_lengths, pad_id=pad_id)
 
 
-def _is_pytree_model(model: Any) -> bool:
-    """True when the model flattens to arrays only (its params can then be traced)."""
-    leaves = jax.tree_util.tree_leaves(model)
-    return bool(leaves) and not (len(leaves) == 1 and leaves[0] is model) and all(
-        isinstance(x, (jax.Array, np.ndarray)) for x in leaves
-    )
-
-
-def _beam_search_jit(model, *args, **static):
-    # A pytree model travels as a traced argument (new params reuse the compilation);
-    # any other model object is static, hashed by identity.
-    if _is_pytree_model(model):
-        return _BEAM_TRACED(model, *args, **static)
-    return _BEAM_STATIC(model, *args, **static)
-
-
-_BEAM_TRACED = jax.jit(_beam_search_impl, static_argnames=("max_new_tokens", "num_beams", "num_return"))
-_BEAM_STATIC = jax.jit(_beam_search_impl, static_argnums=0, static_argnames=("max_new_tokens", "num_beams", "num_return"))
+_beam_search_jit = model_jit(_beam_search_impl, model_argnums=(0,), static_argnames=("max_new_tokens", "num_beams", "num_return"))

@@ -327,6 +327,26 @@ def draw(
     return ids, lp
 
 
+def probs(logits: jax.Array, knobs: SamplingKnobs) -> jax.Array:
+    """The exact distribution :func:`draw` samples from, as float32 probabilities ``[N, V]``.
+
+    Greedy rows (temperature 0) are one-hot on the greedy token; a row with no finite logit
+    is one-hot on token 0. Used where the whole distribution is needed (speculative
+    decoding's accept/reject rule), on few rows: it always takes the full-vocabulary path.
+    """
+    vocab = logits.shape[-1]
+    knobs = _clip_knobs(knobs, vocab)
+    l = _scale(logits, knobs.temperature)
+    m = jnp.max(l, axis=-1, keepdims=True)
+    empty = ~(m > -jnp.inf)
+    keep = _full_keep(l, knobs)
+    w = jnp.where(keep, jnp.exp(l - jnp.where(empty, 0.0, m)), 0.0)
+    p = w / jnp.sum(w, axis=-1, keepdims=True)
+    top = jnp.argmax(l, axis=-1)
+    onehot = jax.nn.one_hot(jnp.where(empty[..., 0], 0, top), vocab, dtype=jnp.float32)
+    return jnp.where((knobs.temperature <= 0)[..., None] | empty, onehot, p)
+
+
 # ---------------------------------------------------------------------------------------
 # Public API
 
