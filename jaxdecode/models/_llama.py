@@ -26,6 +26,7 @@ logits are float32.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any, Mapping, NamedTuple
 
@@ -147,21 +148,7 @@ class Llama:
     def init(cls, key, config: LlamaConfig, dtype=jnp.float32) -> "Llama":
         """Random init: N(0, 0.02) matrices/embedding (output projections / sqrt(2L)) and norm
         weights near 1 (randomized a little so tests exercise them)."""
-        dtype = parse_dtype(dtype)
-        shapes = llama_param_shapes(config)
-        flat, treedef = jax.tree_util.tree_flatten_with_path(
-            shapes, is_leaf=lambda s: isinstance(s, tuple))
-        keys = jax.random.split(key, len(flat))
-        leaves = []
-        for (path, shape), k in zip(flat, keys):
-            name = path[-1].key
-            if "norm" in name:
-                leaf = 1.0 + 0.1 * jax.random.normal(k, shape, jnp.float32)
-            else:
-                std = 0.02 / (math.sqrt(2 * config.n_layers) if name in ("wo", "w_down") else 1.0)
-                leaf = std * jax.random.normal(k, shape, jnp.float32)
-            leaves.append(leaf.astype(dtype))
-        return cls(jax.tree_util.tree_unflatten(treedef, leaves), config)
+        return cls(_init_params(key, config, parse_dtype(dtype)), config)
 
     @classmethod
     def from_params(cls, params: Mapping, config: LlamaConfig, dtype=None) -> "Llama":
@@ -197,9 +184,7 @@ class Llama:
         return self.params["embed"].dtype
 
     def astype(self, dtype) -> "Llama":
-        dtype = parse_dtype(dtype)
-        return Llama(jax.tree_util.tree_map(lambda a: jnp.asarray(a, dtype), self.params),
-                     self.config)
+        return Llama(_cast_params(self.params, parse_dtype(dtype)), self.config)
 
     def num_params(self) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
@@ -324,6 +309,32 @@ class Llama:
 
 
 jax.tree_util.register_dataclass(Llama, data_fields=["params"], meta_fields=["config"])
+
+
+@functools.partial(jax.jit, static_argnums=(1,))
+def _cast_params(params, dtype):
+    return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _init_params(key, config: LlamaConfig, dtype):
+    shapes = llama_param_shapes(config)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(
+        shapes, is_leaf=lambda s: isinstance(s, tuple))
+    sizes = [math.prod(shape) for _, shape in flat]
+    z = jax.random.normal(key, (sum(sizes),), jnp.float32)  # one draw: threefry compiles slowly
+    leaves, start = [], 0
+    for (path, shape), n in zip(flat, sizes):
+        name = path[-1].key
+        piece = z[start:start + n].reshape(shape)
+        start += n
+        if "norm" in name:
+            leaf = 1.0 + 0.1 * piece
+        else:
+            std = 0.02 / (math.sqrt(2 * config.n_layers) if name in ("wo", "w_down") else 1.0)
+            leaf = std * piece
+        leaves.append(leaf.astype(dtype))
+    return jax.tree_util.tree_unflatten(treedef, leaves)
 
 _forward_jit = jax.jit(lambda model, tokens: model._forward(tokens))
 _step_jit = jax.jit(lambda model, tokens, positions, cache: model._step(tokens, positions, cache))
