@@ -113,7 +113,11 @@ def _scale(logits: jax.Array, temperature: jax.Array) -> jax.Array:
 
 
 def _sortable(x: jax.Array) -> jax.Array:
-    """Maps float32 to uint32 so that unsigned order equals float order (NaN-free input)."""
+    """Maps float32 to uint32 so that unsigned order equals float order (NaN-free input).
+
+    -0.0 is mapped like +0.0 (they compare equal as floats, so they must tie here too).
+    """
+    x = jnp.where(x == 0, jnp.zeros_like(x), x)
     bits = lax.bitcast_convert_type(x, jnp.uint32)
     negative = (bits >> 31) == 1
     return jnp.where(negative, ~bits, bits | jnp.uint32(0x80000000))
