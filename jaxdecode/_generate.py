@@ -191,13 +191,14 @@ def _split_model(model: Any) -> tuple[Any, tuple]:
     """(static part, array leaves). A non-pytree model is all static."""
     leaves, treedef = jax.tree_util.tree_flatten(model)
     if treedef.num_leaves == 1 and leaves[0] is model:
-        return (None, _Static(model)), ()
+        return (_Static(None), _Static(model)), ()
     static = tuple(None if _is_array(l) else _Static(l) for l in leaves)
-    return (treedef, static), tuple(l for l in leaves if _is_array(l))
+    return (_Static(treedef), static), tuple(l for l in leaves if _is_array(l))
 
 
 def _merge_model(static: Any, arrays: Sequence[Any]) -> Any:
     treedef, rest = static
+    treedef = treedef.obj
     if treedef is None:
         return rest.obj
     it = iter(arrays)
