@@ -121,3 +121,23 @@ def test_bad_inputs():
         jaxdecode.beam_search(lambda t: t, prompt, 3, num_beams=2)
     with pytest.raises(ValueError, match="prompt_lengths"):
         jaxdecode.beam_search(model, prompt, 3, num_beams=2, prompt_lengths=[3])
+
+
+def test_vmap_and_jit_equal_batched_call():
+    model, _ = trigram_model(6, seed=2)
+    prompts = jnp.array([[1, 2, 3], [4, 0, 5], [2, 2, 2]], jnp.int32)
+    batched = jaxdecode.beam_search(model, prompts, 4, num_beams=3, eos_id=5)
+    one = lambda p: jaxdecode.beam_search(model, p[None], 4, num_beams=3, eos_id=5).tokens[0]
+    np.testing.assert_array_equal(jax.vmap(one)(prompts), batched.tokens)
+    np.testing.assert_array_equal(jax.jit(jax.vmap(one))(prompts), batched.tokens)
+
+
+def test_new_prompt_values_do_not_recompile():
+    from jaxdecode import _beam
+
+    model, _ = trigram_model(6, seed=4)
+    sizes = []
+    for i in range(10):
+        jaxdecode.beam_search(model, jnp.array([[i % 6, 1, 2]]), 3, num_beams=2, length_penalty=0.5 + i, eos_id=i % 6, prompt_lengths=[1 + i % 3])
+        sizes.append(sum(f._cache_size() for f in _beam._beam_search_jit.variants.values()))
+    assert sizes[1:] == [sizes[0]] * 9

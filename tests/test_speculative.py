@@ -136,3 +136,12 @@ def test_bad_inputs():
         jaxdecode.speculative_generate(TARGET, prompt, 4, proposer=jaxdecode.prompt_lookup(), temperature=0.8)
     with pytest.raises(TypeError, match="proposer"):
         jaxdecode.speculative_generate(TARGET, prompt, 4, proposer=3, temperature=0.0)
+
+
+def test_vmap_equals_batched_call():
+    prompts = jnp.array([[1, 2, 3], [4, 5, 6], [7, 1, 2]], jnp.int32)
+    keys = jax.random.split(jax.random.key(9), 3)
+    kw = dict(proposer=jaxdecode.draft_model(DRAFT, 2), temperature=0.8, eos_id=3)
+    batched = jaxdecode.speculative_generate(TARGET, prompts, 6, key=keys, **kw)
+    one = lambda p, k: jaxdecode.speculative_generate(TARGET, p[None], 6, key=k[None], **kw).tokens[0]
+    np.testing.assert_array_equal(jax.vmap(one)(prompts, keys), batched.tokens)
