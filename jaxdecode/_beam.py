@@ -36,41 +36,52 @@ from ._modeljit import model_jit
 
 
 class BeamSearchOutput(NamedTuple):
-    """Beam search results, best first along axis 1.
+    """Beam search results, best first along axis 1 (R = num_return_sequences).
 
     Attributes:
       tokens: int32[B, R, P + N]: the prompt, the hypothesis' tokens, then ``pad_id``.
       lengths: int32[B, R]: valid tokens per hypothesis, prompt included.
       scores: float32[B, R]: length-normalised scores (see module docstring).
       sum_logprobs: float32[B, R]: sum of the generated tokens' log-probabilities.
+      logprobs: float32[B, R, N]: each generated token's log-probability (0 past the end).
+      top_ids: int32[B, R, N, n] or None: with ``top_logprobs=n``, the n most likely tokens
+        at each step of the hypothesis, best first.
+      top_logprobs: float32[B, R, N, n] or None: their log-probabilities.
     """
 
     tokens: jax.Array
     lengths: jax.Array
     scores: jax.Array
     sum_logprobs: jax.Array
+    logprobs: jax.Array
+    top_ids: jax.Array | None
+    top_logprobs: jax.Array | None
 
 
 class BeamState(NamedTuple):
     """The scan carry of beam search (B prompts, K beams, L = P + N buffer, V vocab).
 
+    A hypothesis' *trace* is a dict of arrays with leading axes [B, K]: ``tokens`` [.., L]
+    (prompt first), ``logprobs`` [.., N] per generated token and, with ``top_logprobs=n``,
+    ``top_ids``/``top_logprobs`` [.., N, n]. Reordering beams gathers every leaf alike.
+
     Attributes:
-      live_tokens: int32[B, K, L]: each live beam's tokens (prompt first).
+      live: trace of each live beam.
       live_logp: float32[B, K]: sum of each live beam's generated log-probs (-inf: no beam).
       logits: float32[B * K, V]: each live beam's next-token logits.
       cache: the model's cache for B * K rows.
-      fin_tokens: int32[B, K, L]: finished hypotheses, best first.
+      fin: trace of the finished hypotheses, best first.
       fin_scores: float32[B, K]: their scores (-inf: empty slot).
       fin_logp: float32[B, K]: their summed log-probs.
       fin_lengths: int32[B, K]: their lengths, prompt included.
       done: bool[B]: the prompt's result can no longer change.
     """
 
-    live_tokens: jax.Array
+    live: dict
     live_logp: jax.Array
     logits: jax.Array
     cache: Any
-    fin_tokens: jax.Array
+    fin: dict
     fin_scores: jax.Array
     fin_logp: jax.Array
     fin_lengths: jax.Array
@@ -81,32 +92,52 @@ def _length_norm(logp: jax.Array, length: jax.Array, alpha: jax.Array) -> jax.Ar
     return logp / jnp.power(length.astype(jnp.float32), alpha)
 
 
-def _merge_finished(state: BeamState, cand_tokens, cand_scores, cand_logp, cand_lengths, k: int):
+def _gather(tree: Any, idx: jax.Array) -> Any:
+    """Picks hypotheses ``idx`` (int[B, M]) along axis 1 of every leaf."""
+    return jax.tree.map(lambda x: jnp.take_along_axis(x, idx.reshape(idx.shape + (1,) * (x.ndim - 2)), axis=1), tree)
+
+
+def _merge_finished(state: BeamState, cand: dict, cand_scores, cand_logp, cand_lengths, k: int):
     """Keeps the best ``k`` of the current finished hypotheses and the new candidates."""
-    scores = jnp.concatenate([state.fin_scores, cand_scores], axis=1)
-    best_scores, order = lax.top_k(scores, k)
-    take = lambda a, b: jnp.take_along_axis(jnp.concatenate([a, b], axis=1), order.reshape(order.shape + (1,) * (a.ndim - 2)), axis=1)
+    cat = lambda a, b: jnp.concatenate([a, b], axis=1)
+    best_scores, order = lax.top_k(cat(state.fin_scores, cand_scores), k)
     return (
-        take(state.fin_tokens, cand_tokens),
+        _gather(jax.tree.map(cat, state.fin, cand), order),
         best_scores,
-        take(state.fin_logp, cand_logp),
-        take(state.fin_lengths, cand_lengths),
+        _gather(cat(state.fin_logp, cand_logp), order),
+        _gather(cat(state.fin_lengths, cand_lengths), order),
     )
 
 
-def _beam_step(state: BeamState, i, *, model, axes, eos, k, n, alpha, prompt_lengths, pad_id):
-    b, _, total = state.live_tokens.shape
+def _extend(trace: dict, parent: jax.Array, tok, tok_lp, top, pos, i) -> dict:
+    """The parents' traces with the new token written at buffer slot ``pos`` / step ``i``."""
+    out = _gather(trace, parent)
+    total = out["tokens"].shape[-1]
+    out["tokens"] = jnp.where(jnp.arange(total) == pos[:, None, None], tok[..., None], out["tokens"])
+    steps = jnp.arange(out["logprobs"].shape[-1]) == i
+    out["logprobs"] = jnp.where(steps, tok_lp[..., None], out["logprobs"])
+    if top is not None:
+        for name, value in zip(("top_ids", "top_logprobs"), top):
+            picked = jnp.take_along_axis(value, parent[..., None], axis=1)  # [B, M, n]
+            out[name] = jnp.where(steps[:, None], picked[:, :, None, :], out[name])
+    return out
+
+
+def _beam_step(state: BeamState, i, *, model, axes, eos, k, n, alpha, prompt_lengths, num_top):
+    b = state.live_logp.shape[0]
     vocab = state.logits.shape[-1]
     logp = jax.nn.log_softmax(state.logits.astype(jnp.float32), axis=-1).reshape(b, k, vocab)
     cand = (state.live_logp[..., None] + logp).reshape(b, k * vocab)
-    vals, flat = lax.top_k(cand, 2 * k)  # ties: lowest (beam, token) first
+    # The barrier keeps XLA:CPU's fast TopK (see _sampling._candidate_draw).
+    vals, flat = lax.optimization_barrier(lax.top_k(cand, 2 * k))  # ties: lowest (beam, token) first
     beam = flat // vocab
     tok = (flat % vocab).astype(jnp.int32)
+    tok_lp = vals - jnp.take_along_axis(state.live_logp, beam, axis=1)
+    top = lax.optimization_barrier(lax.top_k(logp, num_top)) if num_top else None
+    top = None if top is None else (top[1].astype(jnp.int32), top[0])  # (ids, logprobs)
     pos = prompt_lengths + i  # where the new token goes, per prompt
     is_eos = jnp.any(tok[..., None] == eos, axis=-1) & (vals > -jnp.inf)
-
-    parents = jnp.take_along_axis(state.live_tokens, beam[..., None], axis=1)  # [B, 2K, L]
-    extended = jnp.where(jnp.arange(total) == pos[:, None, None], tok[..., None], parents)
+    extended = _extend(state.live, beam, tok, tok_lp, top, pos, i)  # [B, 2K, ...]
 
     # Finished candidates: EOS among the first K ranks (as Hugging Face does).
     gen_len = i + 1
@@ -116,7 +147,7 @@ def _beam_step(state: BeamState, i, *, model, axes, eos, k, n, alpha, prompt_len
 
     # Live beams: the best K extensions that do not end in EOS.
     live_vals, pick = lax.top_k(jnp.where(is_eos, -jnp.inf, vals), k)
-    live_tokens = jnp.take_along_axis(extended, pick[..., None], axis=1)
+    live = _gather(extended, pick)
     live_beam = jnp.take_along_axis(beam, pick, axis=1)
     rows = (jnp.arange(b)[:, None] * k + live_beam).reshape(-1)
     cache = _cache.take_rows(state.cache, axes, rows)
@@ -136,19 +167,11 @@ def _beam_step(state: BeamState, i, *, model, axes, eos, k, n, alpha, prompt_len
 
     skip = jnp.all(done) | (i + 1 >= n)  # nothing left to decide, or no next step
     logits, cache = lax.cond(skip, lambda c: (state.logits, c), run_model, cache)
-    new = BeamState(live_tokens, live_vals, logits, cache, *fin, done)
+    new = BeamState(live, live_vals, logits, cache, *fin, done)
     # Prompts already done keep their state (their finished set can no longer change).
-    keep_old = state.done
-    sel = lambda o, nw: jnp.where(keep_old.reshape((b,) + (1,) * (nw.ndim - 1)), o, nw)
-    new = new._replace(
-        live_tokens=sel(state.live_tokens, new.live_tokens),
-        live_logp=sel(state.live_logp, new.live_logp),
-        fin_tokens=sel(state.fin_tokens, new.fin_tokens),
-        fin_scores=sel(state.fin_scores, new.fin_scores),
-        fin_logp=sel(state.fin_logp, new.fin_logp),
-        fin_lengths=sel(state.fin_lengths, new.fin_lengths),
-    )
-    return new, None
+    sel = lambda o, nw: jnp.where(state.done.reshape((b,) + (1,) * (nw.ndim - 1)), o, nw)
+    keep = ("live", "live_logp", "fin", "fin_scores", "fin_logp", "fin_lengths")
+    return new._replace(**{f: jax.tree.map(sel, getattr(state, f), getattr(new, f)) for f in keep}), None
 
 
 def _finalize(state: BeamState, *, k, r, n, alpha, prompt_lengths, pad_id) -> BeamSearchOutput:
@@ -159,13 +182,17 @@ def _finalize(state: BeamState, *, k, r, n, alpha, prompt_lengths, pad_id) -> Be
     length = prompt_lengths[:, None] + n
     running = ~state.done[:, None] & (state.live_logp > -jnp.inf)
     scores = jnp.where(running, _length_norm(state.live_logp, jnp.int32(n), alpha), -jnp.inf)
-    tokens, fscores, flogp, flens = _merge_finished(
-        state, state.live_tokens, scores, state.live_logp, jnp.broadcast_to(length, (b, k)), k
-    )
-    total = tokens.shape[-1]
-    valid = jnp.arange(total)[None, None, :] < flens[..., None]
-    tokens = jnp.where(valid, tokens, pad_id)
-    return BeamSearchOutput(tokens[:, :r], flens[:, :r], fscores[:, :r], flogp[:, :r])
+    fin, fscores, flogp, flens = _merge_finished(state, state.live, scores, state.live_logp, jnp.broadcast_to(length, (b, k)), k)
+    total = fin["tokens"].shape[-1]
+    tokens = jnp.where(jnp.arange(total) < flens[..., None], fin["tokens"], pad_id)
+    emitted = jnp.arange(n) < (flens - prompt_lengths[:, None])[..., None]
+    logprobs = jnp.where(emitted, fin["logprobs"], 0.0)
+    top_ids = fin.get("top_ids")
+    top_lp = fin.get("top_logprobs")
+    if top_ids is not None:
+        top_ids = jnp.where(emitted[..., None], top_ids, pad_id)[:, :r]
+        top_lp = jnp.where(emitted[..., None], top_lp, 0.0)[:, :r]
+    return BeamSearchOutput(tokens[:, :r], flens[:, :r], fscores[:, :r], flogp[:, :r], logprobs[:, :r], top_ids, top_lp)
 
 
 def beam_search(
@@ -179,6 +206,7 @@ def beam_search(
     num_return_sequences: int = 1,
     prompt_lengths: Any = None,
     pad_id: int = 0,
+    top_logprobs: int = 0,
 ) -> BeamSearchOutput:
     """Beam search over a KV-cached model (see ``docs/CONTRACTS.md``), compiled once per shape.
 
@@ -193,6 +221,9 @@ def beam_search(
       num_return_sequences: R in [1, K], static.
       prompt_lengths: int[B] real prompt lengths (default P).
       pad_id: value in unused slots.
+      top_logprobs: n >= 0, static: also return the n most likely tokens and their
+        log-probabilities at each step of each hypothesis (as the OpenAI API's
+        ``top_logprobs``).
 
     Returns:
       :class:`BeamSearchOutput`, hypotheses best first.
@@ -210,9 +241,12 @@ def beam_search(
     fn = "jaxdecode.beam_search"
     prompt, prompt_lengths, eos = _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_sequences, prompt_lengths, eos_id, pad_id)
     V.check_knob(fn, "length_penalty", length_penalty, allowed="a finite number")
+    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)) or top_logprobs < 0:
+        raise ValueError(f"{fn}: `top_logprobs` must be an int >= 0, got {top_logprobs!r}.")
     return _beam_search_jit(
         model, prompt, prompt_lengths, eos, jnp.asarray(length_penalty, jnp.float32), jnp.int32(pad_id),
         max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), num_return=int(num_return_sequences),
+        num_top=int(top_logprobs),
     )
 
 
@@ -248,7 +282,7 @@ def _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_seque
     return prompt.astype(jnp.int32), prompt_lengths, eos
 
 
-def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_new_tokens, num_beams, num_return):
+def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_new_tokens, num_beams, num_return, num_top):
     b, p = prompt.shape
     k, n = num_beams, max_new_tokens
     total = p + n
@@ -265,20 +299,25 @@ def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_
     cache = _cache.take_rows(cache, axes, rows)
     buf = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(jnp.where(jnp.arange(p) < prompt_lengths[:, None], prompt, pad_id))
     live_logp = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((b, 1))
+    trace = {"tokens": jnp.broadcast_to(buf[:, None], (b, k, total)), "logprobs": jnp.zeros((b, k, n), jnp.float32)}
+    if num_top:
+        num_top = min(num_top, last.shape[-1])
+        trace["top_ids"] = jnp.zeros((b, k, n, num_top), jnp.int32)
+        trace["top_logprobs"] = jnp.zeros((b, k, n, num_top), jnp.float32)
     state = BeamState(
-        live_tokens=jnp.broadcast_to(buf[:, None], (b, k, total)),
+        live=trace,
         live_logp=live_logp,
         logits=jnp.repeat(last, k, axis=0),
         cache=cache,
-        fin_tokens=jnp.zeros((b, k, total), jnp.int32),
+        fin=trace,
         fin_scores=jnp.full((b, k), -jnp.inf),
         fin_logp=jnp.full((b, k), -jnp.inf),
         fin_lengths=jnp.zeros((b, k), jnp.int32),
         done=jnp.zeros((b,), bool),
     )
-    step = lambda s, i: _beam_step(s, i, model=model, axes=axes, eos=eos, k=k, n=n, alpha=alpha, prompt_lengths=prompt_lengths, pad_id=pad_id)
+    step = lambda s, i: _beam_step(s, i, model=model, axes=axes, eos=eos, k=k, n=n, alpha=alpha, prompt_lengths=prompt_lengths, num_top=num_top)
     state, _ = lax.scan(step, state, jnp.arange(n))
     return _finalize(state, k=k, r=num_return, n=n, alpha=alpha, prompt_lengths=prompt_lengths, pad_id=pad_id)
 
 
-_beam_search_jit = model_jit(_beam_search_impl, model_argnums=(0,), static_argnames=("max_new_tokens", "num_beams", "num_return"))
+_beam_search_jit = model_jit(_beam_search_impl, model_argnums=(0,), static_argnames=("max_new_tokens", "num_beams", "num_return", "num_top"))

@@ -141,3 +141,22 @@ def test_new_prompt_values_do_not_recompile():
         jaxdecode.beam_search(model, jnp.array([[i % 6, 1, 2]]), 3, num_beams=2, length_penalty=0.5 + i, eos_id=i % 6, prompt_lengths=[1 + i % 3])
         sizes.append(sum(f._cache_size() for f in _beam._beam_search_jit.variants.values()))
     assert sizes[1:] == [sizes[0]] * 9
+
+
+def test_per_token_and_top_logprobs():
+    vocab, n = 6, 4
+    model, table = trigram_model(vocab, seed=8)
+    prompt = [2, 4]
+    out = jaxdecode.beam_search(model, jnp.array([prompt]), n, num_beams=3, num_return_sequences=2, eos_id=5, top_logprobs=3)
+    logsm = np.asarray(jax.nn.log_softmax(jnp.asarray(table), axis=-1))
+    for r in range(2):
+        length = int(out.lengths[0, r])
+        toks = out.tokens[0, r, :length].tolist()
+        for j in range(2, length):
+            row = logsm[toks[j - 2], toks[j - 1]]
+            np.testing.assert_allclose(float(out.logprobs[0, r, j - 2]), row[toks[j]], rtol=1e-5, atol=1e-5)
+            order = np.argsort(-row, kind="stable")[:3]
+            assert out.top_ids[0, r, j - 2].tolist() == order.tolist()
+            np.testing.assert_allclose(np.asarray(out.top_logprobs[0, r, j - 2]), row[order], rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(float(out.sum_logprobs[0, r]), float(np.sum(out.logprobs[0, r])), rtol=1e-5)
+        assert np.all(np.asarray(out.logprobs[0, r, length - 2 :]) == 0)
