@@ -416,6 +416,25 @@ def _stream_chunk_jit(cfg: _Config, chunk: int, model_arrays, settings: _Setting
 # Eager argument handling
 
 
+def _auto_axes_leaf(x: Any) -> Any:
+    """An array sharded over a mesh with Explicit axes (``jax.make_mesh``'s default in recent
+    JAX), re-labelled (zero-copy) as the same sharding on the Auto-typed mesh, so that XLA's
+    SPMD partitioner propagates shardings through the loop."""
+    sharding = getattr(x, "sharding", None)
+    if not isinstance(x, jax.Array) or not V.is_concrete(x) or not isinstance(sharding, jax.sharding.NamedSharding):
+        return x
+    mesh = sharding.mesh
+    types = getattr(mesh, "axis_types", None)
+    auto = getattr(getattr(jax.sharding, "AxisType", None), "Auto", None)
+    if not types or auto is None or all(t == auto for t in types) or not hasattr(mesh, "update"):
+        return x
+    return jax.device_put(x, jax.sharding.NamedSharding(mesh.update(axis_types=(auto,) * len(types)), sharding.spec))
+
+
+def _auto_axes(tree: Any) -> Any:
+    return jax.tree_util.tree_map(_auto_axes_leaf, tree)
+
+
 _VOCAB_MEMO: "collections.OrderedDict[Any, int]" = collections.OrderedDict()
 
 
@@ -652,7 +671,7 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, temperature, top_k,
         pad_id=jnp.asarray(np.int32(pad)),
     )
     cfg = _Config(model_static, kind, b, p, n, window, vocab, processors)
-    return cfg, model_arrays, prompt, lengths, settings
+    return cfg, *_auto_axes((model_arrays, prompt, lengths, settings))
 
 
 # ---------------------------------------------------------------------------------------
