@@ -76,7 +76,7 @@ def rope_angles(positions, head_dim: int, theta: float, freq_factors=None):
 
 
 def apply_rope(x, cos, sin, layout: str):
-    """Rotates ``x: [..., T, N, hd]`` by angles ``cos/sin: [..., T, hd/2]`` (broadcast over heads N).
+    """Rotates ``x: [..., T, N, hd]`` by ``cos/sin: [..., T, hd/2]`` (broadcast over heads N).
 
     ``layout="interleaved"``: dims (2i, 2i+1) form a pair (GGML/llama.cpp, Meta's original code).
     ``layout="half"``: dims (i, i + hd/2) form a pair (Hugging Face's rotate_half).

@@ -16,7 +16,6 @@ import os
 import re
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -144,7 +143,8 @@ def _reader_class():
 
 
 def _open(path):
-    gguf = _require_gguf()
+    if not os.path.exists(path):
+        raise FileNotFoundError(f"GGUF file {path!r} does not exist")
     try:
         size = os.path.getsize(path)
     except OSError as e:
