@@ -62,6 +62,16 @@ class DecodeContext(NamedTuple):
             raise ValueError(f"DecodeContext.from_prompt: `prompt` must have shape [B, P], got {tuple(prompt.shape)}.")
         b, p = prompt.shape
         lengths = jnp.full((b,), p, jnp.int32) if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
+        if V.is_concrete(prompt) and V.is_concrete(lengths):
+            # Padding may hold anything; a real token outside the vocabulary is an error.
+            ids, real = np.asarray(prompt), np.arange(p)[None, :] < np.asarray(lengths)[:, None]
+            bad = real & ((ids < 0) | (ids >= vocab_size))
+            if bad.any():
+                row, col = np.argwhere(bad)[0]
+                raise ValueError(
+                    f"DecodeContext.from_prompt: `prompt` has token id {ids[row, col]} at [{row}, {col}], "
+                    f"outside the vocabulary [0, {vocab_size})."
+                )
         return _context_from_prompt(prompt.astype(jnp.int32), lengths, vocab_size)
 
     def advance(self, tokens: jax.Array, active: jax.Array | None = None) -> "DecodeContext":
@@ -174,6 +184,11 @@ def frequency_presence_penalty(frequency: Any = 0.0, presence: Any = 0.0) -> Log
     """
     for name, v in (("frequency", frequency), ("presence", presence)):
         V.check_knob("jaxdecode.frequency_presence_penalty", name, v, allowed="a finite number (0 means off)")
+        if V.is_concrete(v) and not np.all(np.isfinite(np.asarray(v, np.float64))):
+            # inf * (count 0) would turn every unseen token's logit into NaN.
+            raise ValueError(
+                f"jaxdecode.frequency_presence_penalty: `{name}` got {V._describe(v)}; allowed: a finite number (0 means off)."
+            )
     return _stateless(lambda l, ctx: apply_frequency_presence_penalty(l, ctx.token_counts, frequency, presence))
 
 
