@@ -208,8 +208,13 @@ class Llama:
 
         Writes the key/value of ``tokens[b, t]`` to cache slot ``positions[b, t]`` (positions
         outside ``[0, S)`` are dropped), then lets the query at position p attend to slots 0..p.
-        Returns ``(logits float32[B, T, V], new_cache)``. The input cache is not consumed; wrap
-        the call in ``jax.jit(..., donate_argnums=...)`` to update it in place.
+        Returns ``(logits float32[B, T, V], new_cache)``.
+
+        Cost: the cache is written with one scatter per layer, and attention reads only a
+        prefix of the cache covering slot ``max(positions)`` (the smallest of 128, 256, 512,
+        ... , S; one compiled branch each), so short sequences in a long cache stay cheap.
+        The input cache is not consumed; to update it in place, call ``step`` inside a
+        ``jax.jit`` that donates the cache (``donate_argnums``), as a decoding loop does.
         """
         return _step_jit(self, jnp.asarray(tokens, jnp.int32),
                          jnp.asarray(positions, jnp.int32), cache)
@@ -278,8 +283,7 @@ class Llama:
         # the smallest of a few static lengths >= max(positions) + 1 (one compiled branch each).
         sizes = prefix_buckets(S)
         need = jnp.max(positions) + 1
-        bucket = jnp.minimum(jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need),
-                             len(sizes) - 1)
+        bucket = jnp.minimum(jnp.sum(jnp.asarray(sizes, jnp.int32) < need), len(sizes) - 1)
 
         def attend_prefix(size):
             def f(q, kc, vc, i):
