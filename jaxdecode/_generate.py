@@ -310,11 +310,10 @@ def _stop_match(tokens, lengths, generated, seqs, seq_lens):
     return jnp.any(jnp.all(eq, axis=-1) & (generated[:, None] >= seq_lens[None, :]), axis=-1)
 
 
-def _process_logits(cfg: _Config, settings: _Settings, state: LoopState):
+def _process_logits(cfg: _Config, settings: _Settings, raw: jax.Array, ctx: DecodeContext, proc_state):
     """Penalties, bias, EOS ban and user processors (vLLM order). Returns (logits, proc_state)."""
-    ctx = state.context
     seen = ctx.prompt_mask | (ctx.token_counts > 0)
-    l = apply_repetition_penalty(state.logits, seen, settings.repetition_penalty)
+    l = apply_repetition_penalty(raw, seen, settings.repetition_penalty)
     l = apply_frequency_presence_penalty(l, ctx.token_counts, settings.frequency_penalty, settings.presence_penalty)
     if settings.logit_bias is not None:
         l = l + settings.logit_bias
@@ -322,7 +321,6 @@ def _process_logits(cfg: _Config, settings: _Settings, state: LoopState):
         eos_mask = jnp.zeros((cfg.vocab,), bool).at[settings.eos_ids].set(True, mode="drop")
         early = (ctx.step < settings.min_new_tokens)[:, None]
         l = jnp.where(early & eos_mask[None, :], -jnp.inf, l)
-    proc_state = state.proc_state
     if cfg.processors is not None:
         l, proc_state = _processor(cfg).update(l, proc_state, ctx)
         l = l.astype(jnp.float32)
@@ -330,54 +328,63 @@ def _process_logits(cfg: _Config, settings: _Settings, state: LoopState):
 
 
 def _step(cfg: _Config, model, settings: _Settings, state: LoopState, i: jax.Array):
-    """One decode step (global step index ``i``): draw, write, mark finished, next logits."""
+    """One decode step (global step index ``i``): draw, write, mark finished, next logits.
+
+    Two ``lax.cond`` skip the work once every row is done (or past ``max_new_tokens`` in a
+    stream's last chunk): one around the sampler, one around the model call. Neither wraps
+    the KV cache together with the rest of the step: a cond that does makes XLA copy the
+    whole cache every step.
+    """
     b, n = cfg.batch, cfg.max_new
+    idle = jnp.all(state.done) | (i >= n)
 
-    def finished(state):
-        pad = jnp.broadcast_to(settings.pad_id, (b,)).astype(jnp.int32)
-        zero = jnp.zeros((b,), jnp.float32)
-        return state, _StepOut(pad, zero, zero)
-
-    def live(state):
-        logits, proc_state = _process_logits(cfg, settings, state)
+    def sample(operand):
+        raw, ctx, proc_state = operand
+        logits, proc_state = _process_logits(cfg, settings, raw, ctx, proc_state)
         u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(settings.keys)
         ids, lp = draw(u, logits, settings.knobs)
-        active = ~state.done
-        raw_lp = jnp.take_along_axis(jax.nn.log_softmax(state.logits, axis=-1), ids[:, None], axis=1)[:, 0]
+        raw_lp = jnp.take_along_axis(jax.nn.log_softmax(raw, axis=-1), ids[:, None], axis=1)[:, 0]
+        return ids, lp, raw_lp, proc_state
 
-        rows = jnp.arange(b)
-        slot = jnp.where(active, state.lengths, state.tokens.shape[1])  # out of range: dropped
-        tokens = state.tokens.at[rows, slot].set(ids, mode="drop")
-        lengths = state.lengths + active.astype(jnp.int32)
-        ctx = state.context.advance(ids, active)
-        hit = jnp.zeros((b,), bool)
-        if settings.eos_ids is not None:
-            hit |= jnp.any(ids[:, None] == settings.eos_ids[None, :], axis=-1)
-        if settings.stop_seqs is not None:
-            hit |= _stop_match(tokens, lengths, ctx.step, settings.stop_seqs, settings.stop_lens)
-        done = state.done | (active & hit)
+    def no_sample(operand):
+        zero = jnp.zeros((b,), jnp.float32)
+        return jnp.zeros((b,), jnp.int32), zero, zero, operand[2]
 
-        def run_model(operand):
-            tokens, lengths, ids, cache = operand
-            if cfg.kind == "cached":
-                out, cache = _cached_step(model, ids[:, None], (lengths - 1)[:, None], cache, "step (decode)")
-                return out[:, 0].astype(jnp.float32), cache
-            return _stateless_logits(cfg, model, tokens, lengths), cache
+    ids, lp, raw_lp, proc_state = lax.cond(
+        idle, no_sample, sample, (state.logits, state.context, state.proc_state))
+    active = ~state.done & (i < n)
 
-        def skip_model(operand):
-            return state.logits, operand[3]
+    rows = jnp.arange(b)
+    slot = jnp.where(active, state.lengths, state.tokens.shape[1])  # out of range: dropped
+    tokens = state.tokens.at[rows, slot].set(ids, mode="drop")
+    lengths = state.lengths + active.astype(jnp.int32)
+    ctx = state.context.advance(ids, active)
+    hit = jnp.zeros((b,), bool)
+    if settings.eos_ids is not None:
+        hit |= jnp.any(ids[:, None] == settings.eos_ids[None, :], axis=-1)
+    if settings.stop_seqs is not None:
+        hit |= _stop_match(tokens, lengths, ctx.step, settings.stop_seqs, settings.stop_lens)
+    done = state.done | (active & hit)
 
-        need = ~jnp.all(done) & (i < n - 1)
-        next_logits, cache = lax.cond(need, run_model, skip_model, (tokens, lengths, ids, state.cache))
-        new = LoopState(tokens, lengths, done, next_logits, cache, ctx, proc_state)
-        out = _StepOut(
-            jnp.where(active, ids, settings.pad_id).astype(jnp.int32),
-            jnp.where(active, lp, 0.0).astype(jnp.float32),
-            jnp.where(active, raw_lp, 0.0).astype(jnp.float32),
-        )
-        return new, out
+    def run_model(operand):
+        tokens, lengths, ids, cache, _ = operand
+        if cfg.kind == "cached":
+            out, cache = _cached_step(model, ids[:, None], (lengths - 1)[:, None], cache, "step (decode)")
+            return out[:, 0].astype(jnp.float32), cache
+        return _stateless_logits(cfg, model, tokens, lengths), cache
 
-    return lax.cond(jnp.all(state.done) | (i >= n), finished, live, state)
+    def skip_model(operand):
+        return operand[4], operand[3]
+
+    need = ~jnp.all(done) & (i < n - 1)
+    next_logits, cache = lax.cond(need, run_model, skip_model, (tokens, lengths, ids, state.cache, state.logits))
+    new = LoopState(tokens, lengths, done, next_logits, cache, ctx, proc_state)
+    out = _StepOut(
+        jnp.where(active, ids, settings.pad_id).astype(jnp.int32),
+        jnp.where(active, lp, 0.0).astype(jnp.float32),
+        jnp.where(active, raw_lp, 0.0).astype(jnp.float32),
+    )
+    return new, out
 
 
 def _run_steps(cfg, model, settings, state, steps):
