@@ -189,6 +189,13 @@ class Llama:
     def num_params(self) -> int:
         return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
 
+    def __repr__(self):
+        try:
+            extra = f", dtype={jnp.dtype(self.dtype).name}, params={self.num_params() / 1e6:.1f}M"
+        except Exception:  # params may be placeholders (tracers, None, ...)
+            extra = ""
+        return f"Llama(config={self.config!r}{extra})"
+
     # ------------------------------------------------------------------ protocols
     def __call__(self, tokens):
         """tokens int32[B, T] -> logits float32[B, T, V]; causal, positions 0..T-1."""
