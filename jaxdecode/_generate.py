@@ -607,7 +607,8 @@ def _row_keys(fn: str, key: Any, temperature: Any, b: int) -> jax.Array:
                 f"(any seed; or one key per row), or temperature=0 for greedy decoding."
             )
         if b not in _DUMMY_KEYS:  # greedy: the draw ignores the uniforms
-            _DUMMY_KEYS[b] = jax.random.split(jax.random.key(0), b)
+            with jax.ensure_compile_time_eval():  # concrete even inside a user's jit: no leaked tracer
+                _DUMMY_KEYS[b] = jax.random.split(jax.random.key(0), b)
         return _DUMMY_KEYS[b]
     typed, per_row = V.check_key(fn, key, (b,))
     return typed if per_row else jax.random.split(typed, b)
@@ -743,8 +744,11 @@ def generate(
     prompt content, ``prompt_lengths``) is traced.
 
     Works inside a user's ``jax.jit`` and under ``jax.vmap`` (checks of traced values are
-    skipped; out-of-range traced knobs are clipped). Batch-sharded inputs (a
-    ``NamedSharding`` over a mesh) are partitioned by JAX's SPMD partitioner.
+    skipped; out-of-range traced knobs are clipped). Batch-sharded inputs and sharded params
+    (``NamedSharding`` over a mesh) are partitioned by JAX's SPMD partitioner; each row's result
+    equals the single-device run. Concrete arrays on a mesh with Explicit axis types
+    (``jax.make_mesh``'s default in recent JAX) are relabelled, without a copy, as the same
+    sharding on Auto axes; inside a user's ``jit`` under explicit sharding, use Auto axes.
 
     Args:
       model: a stateless or KV-cached model (see above).

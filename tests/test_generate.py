@@ -382,6 +382,12 @@ def test_inside_user_jit():
     np.testing.assert_array_equal(got.tokens, ref.tokens)
     np.testing.assert_allclose(got.logprobs, ref.logprobs, rtol=1e-6)
 
+    # Greedy without a key inside jit, then eagerly (nothing traced may leak between them).
+    greedy = jax.jit(lambda p: jaxdecode.generate(PLUS, p, N, temperature=0.0, prompt_lengths=LENGTHS).tokens)
+    np.testing.assert_array_equal(greedy(jnp.asarray(PROMPT)), _expected_plus_one(PROMPT, LENGTHS, N))
+    out = jaxdecode.generate(PLUS, PROMPT, N, temperature=0.0, prompt_lengths=LENGTHS)
+    np.testing.assert_array_equal(out.tokens, _expected_plus_one(PROMPT, LENGTHS, N))
+
 
 def _stream_concat(chunks):
     toks = np.concatenate([np.asarray(c.tokens) for c in chunks], axis=1)
