@@ -218,25 +218,26 @@ def _model_kind(model: Any, fn: str) -> str:
     )
 
 
-def _check_logits(logits: Any, batch: int, length: int, what: str) -> jax.Array:
+def _check_logits(logits: Any, batch: int, length: int, what: str, vocab: int | None = None) -> jax.Array:
     """Checks a model output is [B, T, V] floating point (at trace time)."""
     shape = tuple(getattr(logits, "shape", ()))
-    if len(shape) != 3 or shape[:2] != (batch, length) or shape[2] < 1:
+    v = "V" if vocab is None else str(vocab)
+    if len(shape) != 3 or shape[:2] != (batch, length) or shape[2] < 1 or (vocab is not None and shape[2] != vocab):
         raise ValueError(
             f"{_FN}: the model's {what} returned logits of shape {shape}; expected [B, T, V] = "
-            f"[{batch}, {length}, V] for tokens of shape ({batch}, {length})."
+            f"[{batch}, {length}, {v}] for tokens of shape ({batch}, {length})."
         )
     if not jnp.issubdtype(logits.dtype, jnp.floating):
         raise TypeError(f"{_FN}: the model's {what} returned logits of dtype {logits.dtype}; expected a float dtype.")
     return logits
 
 
-def _cached_step(model, tokens, positions, cache, what):
+def _cached_step(model, tokens, positions, cache, what, vocab=None):
     out = model.step(tokens, positions, cache)
     if not (isinstance(out, tuple) and len(out) == 2):
         raise TypeError(f"{_FN}: the model's {what} must return (logits, cache), got {type(out).__name__}.")
     logits, cache = out
-    return _check_logits(logits, tokens.shape[0], tokens.shape[1], what), cache
+    return _check_logits(logits, tokens.shape[0], tokens.shape[1], what, vocab), cache
 
 
 class _Config(NamedTuple):
@@ -261,7 +262,7 @@ def _stateless_logits(cfg: _Config, model, tokens, lengths):
     w = cfg.window
     start = jnp.maximum(lengths - w, 0)
     window = jax.vmap(lambda row, s: lax.dynamic_slice(row, (s,), (w,)))(tokens, start)
-    out = _check_logits(model(window), cfg.batch, w, "call model(tokens)")
+    out = _check_logits(model(window), cfg.batch, w, "call model(tokens)", cfg.vocab)
     idx = (lengths - 1 - start)[:, None, None]
     return jnp.take_along_axis(out, idx, axis=1)[:, 0].astype(jnp.float32)
 
@@ -276,13 +277,11 @@ def _init(cfg: _Config, model, prompt, prompt_lengths, settings: _Settings) -> L
     if cfg.kind == "cached":
         cache = model.init_cache(b, cfg.window)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-        out, cache = _cached_step(model, buf[:, :p], positions, cache, "step (prefill)")
+        out, cache = _cached_step(model, buf[:, :p], positions, cache, "step (prefill)", cfg.vocab)
         logits = jnp.take_along_axis(out, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
     else:
         cache = ()
         logits = _stateless_logits(cfg, model, buf, prompt_lengths)
-    if logits.shape[-1] != cfg.vocab:
-        raise ValueError(f"{_FN}: the model returned vocabulary size {logits.shape[-1]}, expected {cfg.vocab}.")
     proc_state = () if cfg.processors is None else _processor(cfg).init(ctx)
     return LoopState(
         tokens=buf,
@@ -369,7 +368,7 @@ def _step(cfg: _Config, model, settings: _Settings, state: LoopState, i: jax.Arr
     def run_model(operand):
         tokens, lengths, ids, cache, _ = operand
         if cfg.kind == "cached":
-            out, cache = _cached_step(model, ids[:, None], (lengths - 1)[:, None], cache, "step (decode)")
+            out, cache = _cached_step(model, ids[:, None], (lengths - 1)[:, None], cache, "step (decode)", cfg.vocab)
             return out[:, 0].astype(jnp.float32), cache
         return _stateless_logits(cfg, model, tokens, lengths), cache
 

@@ -537,3 +537,7 @@ def test_bad_input_stream_and_cached():
     bad = jaxdecode.CachedModel(init_cache=lambda b, s: (), step=lambda t, p, c: t)
     with pytest.raises(TypeError, match=r"must return \(logits, cache\)"):
         jaxdecode.generate(bad, PROMPT, N, temperature=0.0)
+    decode_v = jaxdecode.CachedModel(  # right shape at prefill, wrong vocabulary when decoding
+        init_cache=lambda b, s: (), step=lambda t, p, c: (jnp.zeros(t.shape + (V if t.shape[1] > 1 else V + 1,)), c))
+    with pytest.raises(ValueError, match=r"step \(decode\) returned logits of shape \(4, 1, 17\); expected .* \[4, 1, 16\]"):
+        jaxdecode.generate(decode_v, PROMPT, N, temperature=0.0)
