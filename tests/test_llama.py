@@ -205,3 +205,15 @@ def test_init_and_config_validation():
         Llama.from_params(params, LlamaConfig(**{**TINY, "hidden_dim": 48}))
     with pytest.raises(ValueError, match="dtype"):
         m.astype("float16")
+
+
+def test_decode_steps_do_not_recompile():
+    from jaxdecode.models import _llama
+
+    model, _ = make(seed=16)
+    cache = model.init_cache(2, 40)
+    _, cache = model.step(jnp.ones((2, 1), jnp.int32), jnp.zeros((2, 1), jnp.int32), cache)
+    before = _llama._step_jit._cache_size()
+    for p in range(1, 6):  # new tokens/positions, same shapes: no new compilation
+        _, cache = model.step(jnp.full((2, 1), p, jnp.int32), jnp.asarray([[p], [p + 30]]), cache)
+    assert _llama._step_jit._cache_size() == before
