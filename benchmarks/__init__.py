@@ -1,0 +1,1 @@
+"""jaxdecode benchmark suite: run ``python -m benchmarks`` (see ``benchmarks/README.md``)."""
