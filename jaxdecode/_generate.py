@@ -519,6 +519,18 @@ def _check_prompt_lengths(fn: str, prompt_lengths: Any, b: int, p: int) -> jax.A
     return jnp.asarray(prompt_lengths).astype(jnp.int32)
 
 
+def _check_prompt_ids(fn: str, prompt: jax.Array, lengths: jax.Array, vocab: int) -> None:
+    """Real prompt tokens (padding excluded) must lie in [0, V), when their values are readable."""
+    if not all(V.is_concrete(x) and getattr(x, "is_fully_addressable", True) for x in (prompt, lengths)):
+        return
+    ids = np.asarray(prompt)
+    bad = (np.arange(ids.shape[1])[None, :] < np.asarray(lengths)[:, None]) & ((ids < 0) | (ids >= vocab))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(f"{fn}: `prompt` has token id {ids[row, col]} at [{row}, {col}], outside the model's "
+                         f"vocabulary [0, {vocab}).")
+
+
 def _token_ids(fn: str, name: str, value: Any, vocab: int) -> jax.Array:
     """A 1-D int32 array of token ids, range-checked when concrete."""
     if V.is_concrete(value):
@@ -640,6 +652,7 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, temperature, top_k,
 
     model_static, model_arrays = _split_model(model)
     vocab = _vocab_size(model_static, model_arrays, kind, b, p, window)
+    _check_prompt_ids(fn, prompt, lengths, vocab)
 
     pad = _as_int(fn, "pad_id", pad_id, f"a token id in [0, {vocab})")
     if not 0 <= pad < vocab:
@@ -785,7 +798,7 @@ def generate(
         ``context_size``, a bad key, a model that fits neither protocol.
       ValueError: a prompt that is not 2-D, ``max_new_tokens <= 0``, ``prompt_lengths``
         outside [1, P] or of the wrong shape, ``context_size < 1``, a knob out of range,
-        ``temperature > 0`` without a key, EOS / stop / bias ids outside [0, V), or a model
+        ``temperature > 0`` without a key, prompt / EOS / stop / bias ids outside [0, V), or a model
         whose logits are not [B, T, V].
 
     Example:

@@ -501,6 +501,7 @@ def _bad_rank_model(tokens):
     [
         (dict(prompt=np.arange(6)), ValueError, r"`prompt` must have shape \[batch, prompt_len\].*\(6,\)"),
         (dict(prompt=PROMPT.astype(np.float32)), TypeError, r"`prompt` must hold integer.*float32"),
+        (dict(prompt=PROMPT + 10), ValueError, r"`prompt` has token id 16 at \[0, 5\], outside .* \[0, 16\)"),
         (dict(max_new_tokens=0), ValueError, r"`max_new_tokens` must be >= 1, got 0"),
         (dict(max_new_tokens=2.5), TypeError, r"`max_new_tokens` must be an int, got 2.5"),
         (dict(max_new_tokens=True), TypeError, r"`max_new_tokens` must be an int"),
