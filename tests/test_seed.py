@@ -19,8 +19,8 @@ def test_greedy_picks_forward(toy_vocab, toy_logits):
     assert inverse_vocab[int(R.greedy(toy_logits))] == "forward"
     assert inverse_vocab[int(jaxdecode.greedy(jnp.asarray(toy_logits)))] == "forward"
     # Temperature 0 in the sampler is greedy too.
-    ids = jaxdecode.sample(jax.random.key(123), jnp.asarray(toy_logits), temperature=0.0)
-    assert inverse_vocab[int(ids)] == "forward"
+    ids = jaxdecode.sample(jax.random.key(123), jnp.broadcast_to(jnp.asarray(toy_logits), (1000, 9)), temperature=0.0)
+    assert {inverse_vocab[int(i)] for i in np.asarray(ids)} == {"forward"}
 
 
 def test_top3_logits_and_positions(toy_logits):
