@@ -530,25 +530,24 @@ def bench_int8(ctx: Ctx) -> dict:
     return _low_precision(ctx, "int8", "int8")
 
 
-def _sampler_impls():
-    """(jaxdecode call, common-port call) on the same inputs; the common port is taken from
-    ``benchmarks.bench_sampler`` when a teammate's module provides one."""
+def _sampler_port():
+    """``(port, port_name, make_logits)``: the common JAX port ``port(key, logits, temperature,
+    top_p, *, top_k)`` and the logits generator, taken from the teammate's
+    ``benchmarks/bench_sampler.py`` when it is there (so both scripts measure the same thing),
+    else built here."""
     import jax
     import jax.numpy as jnp
     from jax import lax
 
-    port = None
     try:
-        from benchmarks import bench_sampler  # noqa: F401  (a teammate's module, optional)
-
-        for name in ("common_port", "common_sample", "naive_sample", "reference_port", "baseline_sample"):
-            if callable(getattr(bench_sampler, name, None)):
-                port = (getattr(bench_sampler, name), f"benchmarks.bench_sampler.{name}")
-                break
+        from benchmarks import bench_sampler as bs
     except ImportError:
-        pass
-    if port is None:
-        def common_port(key, logits, temperature, top_k: int, top_p):
+        bs = None
+    port = getattr(bs, "common_port", None)
+    make_logits = getattr(bs, "lm_like_logits", None)
+    name = "benchmarks.bench_sampler.common_port"
+    if not callable(port):
+        def common_port(key, logits, temperature, top_p, *, top_k: int):
             # The usual JAX port of HF's sampling warpers: temperature, lax.top_k threshold,
             # sort-based top-p, jax.random.categorical, all in one jit.
             logits = logits / temperature[:, None]
@@ -562,8 +561,15 @@ def _sampler_impls():
             logits = jnp.where(logits < cutoff, -jnp.inf, logits)
             return jax.random.categorical(key, logits, axis=-1)
 
-        port = (jax.jit(common_port, static_argnums=3), "built-in common port (benchmarks/run.py)")
-    return port
+        port, name = jax.jit(common_port, static_argnames="top_k"), "built-in common port (benchmarks/run.py)"
+    if not callable(make_logits):
+        import numpy as np
+
+        def make_logits(batch, vocab, seed=0):  # Zipf-like, as a language model's
+            rng = np.random.default_rng(seed)
+            base = -1.1 * np.log(np.arange(1, vocab + 1, dtype=np.float64))
+            return np.stack([base[rng.permutation(vocab)] for _ in range(batch)]).astype(np.float32)
+    return port, name, make_logits
 
 
 def bench_sampler(ctx: Ctx) -> dict:
@@ -574,11 +580,11 @@ def bench_sampler(ctx: Ctx) -> dict:
     import jaxdecode
 
     B, V = 64, 50257
-    logits = _block(3.0 * jax.random.normal(jax.random.key(0), (B, V), jnp.float32))
+    port, port_name, make_logits = _sampler_port()
+    logits = _block(jnp.asarray(make_logits(B, V), jnp.float32))
     temp = np.full((B,), SAMPLING["temperature"], np.float32)
     topk = np.full((B,), SAMPLING["top_k"], np.int32)
     topp = np.full((B,), SAMPLING["top_p"], np.float32)
-    port, port_name = _sampler_impls()
     temp_d, topp_d = jnp.asarray(temp), jnp.asarray(topp)
 
     def jd_call(k):
@@ -591,7 +597,7 @@ def bench_sampler(ctx: Ctx) -> dict:
         return jd_jit(k, logits, temp_j, topk_j, topp_j)
 
     def port_call(k):
-        return port(k, logits, temp_d, SAMPLING["top_k"], topp_d)
+        return port(k, logits, temp_d, topp_d, top_k=SAMPLING["top_k"])
 
     def measure(fn, runs, calls):
         _block(fn(jax.random.key(0)))  # compile
@@ -678,20 +684,31 @@ def bench_profile(ctx: Ctx) -> dict:
         kw = dict(SAMPLING, key=jax.random.key(0)) if sampled else dict(temperature=0.0)
         return lambda: _block(jaxdecode.generate(null_model, prompt, n, **kw))
 
-    def med_ms(fn, reps):
-        fn()
-        return stats([1e3 * timed(fn) for _ in range(reps)])
-
-    reps = max(5, 4 * ctx.s.runs)
-    res = {
-        "cache_slots": S,
-        "model_step_ms": med_ms(step, reps),
-        "matmuls_ms": med_ms(lambda: _block(matmuls(params, x0)), reps),
-        "lm_head_ms": med_ms(lambda: _block(head_jit(params, x0)), reps),
-        "loop_greedy_ms_per_token": stats([x / n for x in med_ms(null_gen(False), max(3, ctx.s.runs))["runs"]]),
-        "loop_sampled_ms_per_token": stats([x / n for x in med_ms(null_gen(True), max(3, ctx.s.runs))["runs"]]),
-        "generate_ms_per_token": ctx.gen_times("float32", 1, PROMPT, n, False)["ms_per_step"],
+    gen = ctx.gen_fn("float32", 1, PROMPT, n, False)
+    B2 = 32
+    cache32 = _block(model.init_cache(B2, S))
+    tok32 = jnp.full((B2, 1), 42, jnp.int32)
+    pos32 = jnp.full((B2, 1), p + n // 2, jnp.int32)
+    x32 = jnp.ones((B2, 1, cfg.dim), model.dtype) * 0.01
+    # name -> (fn, divisor): per-token figures divide a whole generate call by n
+    fns = {
+        "model_step_ms": (step, 1),
+        "matmuls_ms": (lambda: _block(matmuls(params, x0)), 1),
+        "lm_head_ms": (lambda: _block(head_jit(params, x0)), 1),
+        "generate_ms_per_token": (gen, n),
+        "loop_greedy_ms_per_token": (null_gen(False), n),
+        "loop_sampled_ms_per_token": (null_gen(True), n),
+        "model_step_b32_ms": (lambda: _block(model.step(tok32, pos32, cache32)), 1),
+        "matmuls_b32_ms": (lambda: _block(matmuls(params, x32)), 1),
     }
+    for fn, _ in fns.values():
+        fn()  # compile
+    # Interleaved rounds: every part sees the same machine load (the machine may be shared).
+    times = {k: [] for k in fns}
+    for _ in range(max(4, 2 * ctx.s.runs)):
+        for k, (fn, div) in fns.items():
+            times[k].append(1e3 * timed(fn) / div)
+    res = {"cache_slots": S, "batch": 1, "new_tokens": n, **{k: stats(v) for k, v in times.items()}}
     weight_mb = model.num_params() * jnp.dtype(model.dtype).itemsize / 2**20
     res["weight_mb"] = weight_mb
     res["matmul_gb_per_s"] = weight_mb / 1024 / (res["matmuls_ms"]["median"] / 1e3)
@@ -714,6 +731,10 @@ def bench_profile(ctx: Ctx) -> dict:
             note=f"{100 * lp / g:.0f}% of a generate token")
     ctx.row("profile", "Loop + sampling per token, T 0.8/top-k 50/top-p 0.9 (null model)",
             res["loop_sampled_ms_per_token"], "ms")
+    st32, mm32 = res["model_step_b32_ms"]["median"], res["matmuls_b32_ms"]["median"]
+    res["breakdown_b32_ms"] = {"model_step": st32, "matmuls": mm32, "step_minus_matmuls": st32 - mm32}
+    ctx.row("profile", "Decode step b32: jitted model.step", res["model_step_b32_ms"], "ms",
+            note=f"matmuls {mm32:.1f} ms ({100 * mm32 / st32:.0f}%); {st32 / st:.1f}x the b1 step for 32x the tokens")
     return res
 
 
@@ -908,7 +929,8 @@ def write_markdown(doc: dict, path: str) -> None:
         val = fmt_stat(r["value"], r["digits"]) + unit
         base = (f"{r['baseline_label']}: {fmt_stat(r['baseline'], r['digits'])}{unit}" if r["baseline"] else "")
         ratio = f"{r['ratio']:.2f}x" if r["ratio"] is not None and r["unit"] != "x" else ""
-        lines.append(f"| {r['label']} | {val} | {base} | {ratio} | {r['target']} | {r['status'] or ''} | {r['note']} |")
+        cells = [r["label"], val, base, ratio, r["target"], r["status"] or "", r["note"]]
+        lines.append("| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |")
     g = doc["benchmarks"].get("greedy", {}).get("continuation")
     if g:
         lines += ["", "## Greedy continuation check", "", f"Prompt: `{PROMPT}`", "",
@@ -934,10 +956,11 @@ def write_plot(doc: dict, path: str) -> bool:
 
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except ImportError:
         doc["notes"].append("matplotlib not installed: no results.png")
         return False
-    b = doc["benchmarks"]
+    b = {k: v for k, v in doc["benchmarks"].items() if isinstance(v, dict) and "error" not in v}
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.5))
     fig.suptitle(f"jaxdecode benchmarks ({doc['meta']['mode']}), SmolLM2-135M on "
                  f"{doc['meta']['machine']['cpu_count']}-core {doc['meta']['machine']['device_platform']}; "
@@ -986,6 +1009,8 @@ def write_plot(doc: dict, path: str) -> bool:
         ax.set_yscale("log")
         ax.set_xticks(xs)
         ax.set_xticklabels([str(x) for x in xs])
+        ax.yaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
         ax.set_xlabel("batch size")
         ax.set_ylabel("tokens/s")
         ax.set_title(f"Batch scaling ({b['scaling']['ratio_hi_lo']:.1f}x at batch {xs[-1]})", fontsize=10)
@@ -1117,7 +1142,12 @@ def main(argv=None) -> int:
         "notes": ctx.notes,
     }
     paths = {k: os.path.join(args.out, f"results.{k}") for k in ("json", "md", "png")}
-    made_png = write_plot(doc, paths["png"])
+    try:
+        made_png = write_plot(doc, paths["png"])
+    except Exception as e:  # the numbers matter more than the picture
+        made_png = False
+        doc["notes"].append(f"results.png not written: {type(e).__name__}: {e}")
+        log(f"plot failed: {type(e).__name__}: {e}")
     write_markdown(doc, paths["md"])
     with open(paths["json"], "w") as f:
         json.dump(doc, f, indent=1, default=str)
