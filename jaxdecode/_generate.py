@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _cache
 from . import _validate as V
 from ._processors import DecodeContext, LogitsProcessor, apply_frequency_presence_penalty, apply_repetition_penalty
 from ._processors import chain as _chain
@@ -77,6 +78,10 @@ class GenerateOutput(NamedTuple):
       raw_logprobs: float32[B, N]. The model's own log-softmax of its raw logits at the chosen
         token; 0 after the row finished.
       num_generated: int32[B]. Generated tokens per row (``lengths - prompt_lengths``).
+      top_ids: int32[B, N, n] or None. With ``top_logprobs=n``: the n most likely tokens at
+        each step under the model's raw log-softmax (as the OpenAI API's ``top_logprobs``),
+        best first; ``pad_id`` after the row finished.
+      top_logprobs: float32[B, N, n] or None. Their raw log-probabilities (0 after the end).
     """
 
     tokens: jax.Array
@@ -84,6 +89,8 @@ class GenerateOutput(NamedTuple):
     logprobs: jax.Array
     raw_logprobs: jax.Array
     num_generated: jax.Array
+    top_ids: jax.Array | None = None
+    top_logprobs: jax.Array | None = None
 
 
 class StreamChunk(NamedTuple):
@@ -146,6 +153,7 @@ class _StepOut(NamedTuple):
     tokens: jax.Array  # int32[B]
     logprobs: jax.Array  # float32[B]
     raw_logprobs: jax.Array  # float32[B]
+    top: Any  # (int32[B, n], float32[B, n]) with top_logprobs=n, else ()
 
 
 # ---------------------------------------------------------------------------------------
@@ -251,6 +259,8 @@ class _Config(NamedTuple):
     window: int  # stateless: fixed window length; cached: cache length
     vocab: int
     processors: Any  # _Static(tuple of LogitsProcessor) or None
+    num_samples: int = 1  # output rows per prompt row (batch = prompt rows * num_samples)
+    num_top: int = 0  # top_logprobs alternatives per step
 
 
 # ---------------------------------------------------------------------------------------
@@ -268,20 +278,31 @@ def _stateless_logits(cfg: _Config, model, tokens, lengths):
 
 
 def _init(cfg: _Config, model, prompt, prompt_lengths, settings: _Settings) -> LoopState:
-    b, p, n = cfg.batch, cfg.prompt_len, cfg.max_new
+    """Prefill. With ``num_samples`` > 1 each prompt row is prefilled once and its cache,
+    logits and buffer are then repeated for its samples (rows ``r * num_samples + s``)."""
+    p, n, ns = cfg.prompt_len, cfg.max_new, cfg.num_samples
+    b0 = prompt.shape[0]
     pad = settings.pad_id
     slots = jnp.arange(p + n, dtype=jnp.int32)[None, :]
-    buf = jnp.concatenate([prompt.astype(jnp.int32), jnp.zeros((b, n), jnp.int32)], axis=1)
+    buf = jnp.concatenate([prompt.astype(jnp.int32), jnp.zeros((b0, n), jnp.int32)], axis=1)
     buf = jnp.where(slots < prompt_lengths[:, None], buf, pad)
-    ctx = DecodeContext.from_prompt(buf[:, :p], cfg.vocab, prompt_lengths)
+    rows = jnp.repeat(jnp.arange(b0), ns)
     if cfg.kind == "cached":
-        cache = model.init_cache(b, cfg.window)
-        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+        cache = model.init_cache(b0, cfg.window)
+        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b0, p))
         out, cache = _cached_step(model, buf[:, :p], positions, cache, "step (prefill)", cfg.vocab)
         logits = jnp.take_along_axis(out, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+        if ns > 1:
+            cache = _cache.take_rows(cache, _cache.cache_batch_axes(model.init_cache, cfg.window), rows)
+            logits = logits[rows]
     else:
         cache = ()
-        logits = _stateless_logits(cfg, model, buf, prompt_lengths)
+        logits = _stateless_logits(cfg._replace(batch=b0), model, buf, prompt_lengths)
+        logits = logits[rows] if ns > 1 else logits
+    if ns > 1:
+        buf, prompt_lengths = buf[rows], prompt_lengths[rows]
+    b = cfg.batch
+    ctx = DecodeContext.from_prompt(buf[:, :p], cfg.vocab, prompt_lengths)
     proc_state = () if cfg.processors is None else _processor(cfg).init(ctx)
     return LoopState(
         tokens=buf,
@@ -342,14 +363,22 @@ def _step(cfg: _Config, model, settings: _Settings, state: LoopState, i: jax.Arr
         logits, proc_state = _process_logits(cfg, settings, raw, ctx, proc_state)
         u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(settings.keys)
         ids, lp = draw(u, logits, settings.knobs)
-        raw_lp = jnp.take_along_axis(jax.nn.log_softmax(raw, axis=-1), ids[:, None], axis=1)[:, 0]
-        return ids, lp, raw_lp, proc_state
+        raw_all = jax.nn.log_softmax(raw, axis=-1)
+        raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
+        top = ()
+        if cfg.num_top:  # barrier: keeps XLA:CPU's fast TopK (see _sampling._candidate_draw)
+            top_lp, top_ids = lax.optimization_barrier(lax.top_k(raw_all, cfg.num_top))
+            top = (top_ids.astype(jnp.int32), top_lp)
+        return ids, lp, raw_lp, top, proc_state
 
     def no_sample(operand):
         zero = jnp.zeros((b,), jnp.float32)
-        return jnp.zeros((b,), jnp.int32), zero, zero, operand[2]
+        top = ()
+        if cfg.num_top:
+            top = (jnp.zeros((b, cfg.num_top), jnp.int32), jnp.zeros((b, cfg.num_top), jnp.float32))
+        return jnp.zeros((b,), jnp.int32), zero, zero, top, operand[2]
 
-    ids, lp, raw_lp, proc_state = lax.cond(
+    ids, lp, raw_lp, top, proc_state = lax.cond(
         idle, no_sample, sample, (state.logits, state.context, state.proc_state))
     active = ~state.done & (i < n)
 
@@ -382,6 +411,7 @@ def _step(cfg: _Config, model, settings: _Settings, state: LoopState, i: jax.Arr
         jnp.where(active, ids, settings.pad_id).astype(jnp.int32),
         jnp.where(active, lp, 0.0).astype(jnp.float32),
         jnp.where(active, raw_lp, 0.0).astype(jnp.float32),
+        () if not top else (jnp.where(active[:, None], top[0], settings.pad_id), jnp.where(active[:, None], top[1], 0.0)),
     )
     return new, out
 
@@ -401,6 +431,8 @@ def _generate_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, settings: 
         logprobs=ys.logprobs.T,
         raw_logprobs=ys.raw_logprobs.T,
         num_generated=state.context.step,
+        top_ids=ys.top[0].transpose(1, 0, 2) if cfg.num_top else None,
+        top_logprobs=ys.top[1].transpose(1, 0, 2) if cfg.num_top else None,
     )
 
 
@@ -627,13 +659,20 @@ def _row_keys(fn: str, key: Any, temperature: Any, b: int) -> jax.Array:
 
 def _prepare(fn: str, model, prompt, max_new_tokens, *, key, temperature, top_k, top_p, min_p, typical_p,
              repetition_penalty, presence_penalty, frequency_penalty, logit_bias, eos_id, min_new_tokens,
-             stop_sequences, prompt_lengths, context_size, pad_id, processors):
+             stop_sequences, prompt_lengths, context_size, pad_id, processors, num_samples=1, top_logprobs=0):
     n = _as_int(fn, "max_new_tokens", max_new_tokens, "an int >= 1")
     if n < 1:
         raise ValueError(f"{fn}: `max_new_tokens` must be >= 1, got {n}.")
+    ns = _as_int(fn, "num_samples", num_samples, "an int >= 1")
+    if ns < 1:
+        raise ValueError(f"{fn}: `num_samples` must be >= 1, got {ns}.")
+    num_top = _as_int(fn, "top_logprobs", top_logprobs, "an int >= 0")
+    if num_top < 0:
+        raise ValueError(f"{fn}: `top_logprobs` must be >= 0 (0 means off), got {num_top}.")
     prompt = _check_prompt(fn, prompt)
-    b, p = int(prompt.shape[0]), int(prompt.shape[1])
-    lengths = _check_prompt_lengths(fn, prompt_lengths, b, p)
+    b0, p = int(prompt.shape[0]), int(prompt.shape[1])
+    lengths = _check_prompt_lengths(fn, prompt_lengths, b0, p)
+    b = b0 * ns  # output rows: each prompt row's samples are adjacent
     kind = _model_kind(model, fn)
     if context_size is None and kind == "stateless":
         context_size = getattr(model, "context_size", None)
@@ -651,7 +690,9 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, temperature, top_k,
         window = p + n if context_size is None else min(context_size, p + n)
 
     model_static, model_arrays = _split_model(model)
-    vocab = _vocab_size(model_static, model_arrays, kind, b, p, window)
+    vocab = _vocab_size(model_static, model_arrays, kind, b0, p, window)
+    if num_top > vocab:
+        raise ValueError(f"{fn}: `top_logprobs` must be <= the vocabulary size {vocab}, got {num_top}.")
     _check_prompt_ids(fn, prompt, lengths, vocab)
 
     pad = _as_int(fn, "pad_id", pad_id, f"a token id in [0, {vocab})")
@@ -690,7 +731,7 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, temperature, top_k,
         stop_lens=stop_lens,
         pad_id=jnp.asarray(np.int32(pad)),
     )
-    cfg = _Config(model_static, kind, b, p, n, window, vocab, processors)
+    cfg = _Config(model_static, kind, b, p, n, window, vocab, processors, ns, num_top)
     return cfg, *_auto_axes((model_arrays, prompt, lengths, settings))
 
 
@@ -720,6 +761,9 @@ def generate(
     context_size: int | None = None,
     pad_id: int = 0,
     processors: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+    num_samples: int = 1,
+    top_logprobs: int = 0,
+    speculative: Any = None,
 ) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per prompt row, as one compiled computation.
 
@@ -788,10 +832,23 @@ def generate(
       pad_id: token id in [0, V) written to unused slots (and fed to the model there).
       processors: extra :class:`jaxdecode.LogitsProcessor` (or a sequence, chained in order),
         applied after the built-in penalties and before sampling.
+      num_samples: int >= 1 (static): samples per prompt row. The output has
+        ``B * num_samples`` rows, prompt row r's samples at rows ``r * num_samples + s``; each
+        prompt is prefilled once and its KV cache broadcast to its samples. Knobs, keys,
+        ``logit_bias`` and ``min_new_tokens`` are per *output* row (``[B * num_samples]``);
+        ``prompt_lengths`` is per prompt row.
+      top_logprobs: int >= 0 (static): also return the n most likely tokens and their
+        log-probabilities (model's raw log-softmax) at each step: ``top_ids``, ``top_logprobs``.
+      speculative: ``jaxdecode.draft_model(...)`` or ``jaxdecode.prompt_lookup(...)`` to decode
+        with speculative decoding (KV-cached models; sampling knobs, EOS, ragged prompts and
+        per-row keys are supported; penalties, bias, processors, stop sequences,
+        ``min_new_tokens``, ``num_samples`` and ``top_logprobs`` are not). Same output
+        distribution as without it; see :func:`jaxdecode.speculative_generate` for statistics.
 
     Returns:
       A :class:`GenerateOutput` (``tokens``, ``lengths``, ``logprobs``, ``raw_logprobs``,
-      ``num_generated``). Same inputs give bit-identical outputs.
+      ``num_generated``, and ``top_ids``/``top_logprobs`` when asked). Same inputs give
+      bit-identical outputs.
 
     Raises:
       TypeError: non-integer prompt / lengths, a non-int ``max_new_tokens`` or
@@ -814,12 +871,32 @@ def generate(
       ([7, 3], [4, 2])
       >>> out = jaxdecode.generate(model, jnp.array([[1, 2, 3]]), 4, key=jax.random.key(0), top_p=0.9)
     """
+    if speculative is not None:
+        unsupported = dict(
+            repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
+            frequency_penalty=(frequency_penalty, 0.0), logit_bias=(logit_bias, None),
+            min_new_tokens=(min_new_tokens, 0), stop_sequences=(stop_sequences, None),
+            processors=(processors, None), num_samples=(num_samples, 1), top_logprobs=(top_logprobs, 0),
+            context_size=(context_size, None),
+        )
+        for name, (value, default) in unsupported.items():
+            if value is not default and not (V.is_concrete(value) and np.ndim(value) == 0 and value == default):
+                raise ValueError(f"{_FN}: `{name}` is not supported with `speculative` decoding "
+                                 f"(got {value!r}); leave it at its default {default!r}.")
+        from ._speculative import speculative_generate
+
+        out = speculative_generate(
+            model, prompt, max_new_tokens, proposer=speculative, key=key, temperature=temperature, top_k=top_k,
+            top_p=top_p, min_p=min_p, typical_p=typical_p, eos_id=eos_id, prompt_lengths=prompt_lengths, pad_id=pad_id,
+        )
+        return GenerateOutput(out.tokens, out.lengths, out.logprobs, out.raw_logprobs, out.num_generated)
     cfg, arrays, prompt, lengths, settings = _prepare(
         _FN, model, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
         min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
         eos_id=eos_id, min_new_tokens=min_new_tokens, stop_sequences=stop_sequences,
         prompt_lengths=prompt_lengths, context_size=context_size, pad_id=pad_id, processors=processors,
+        num_samples=num_samples, top_logprobs=top_logprobs,
     )
     return _generate_jit(cfg, arrays, prompt, lengths, settings)
 
@@ -847,6 +924,7 @@ def generate_stream(
     context_size: int | None = None,
     pad_id: int = 0,
     processors: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
+    num_samples: int = 1,
 ) -> Iterator[StreamChunk]:
     """Like :func:`generate`, but yields the new tokens chunk by chunk as they are decoded.
 
@@ -860,7 +938,7 @@ def generate_stream(
 
     Args:
       chunk_size: int >= 1, decode steps per chunk (the last chunk may be shorter).
-      Others: as :func:`generate`.
+      Others: as :func:`generate` (``top_logprobs`` and ``speculative`` are generate-only).
 
     Yields:
       :class:`StreamChunk` (``tokens`` int32[B, c], ``logprobs`` float32[B, c], ``done`` bool[B]).
@@ -881,6 +959,7 @@ def generate_stream(
         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
         eos_id=eos_id, min_new_tokens=min_new_tokens, stop_sequences=stop_sequences,
         prompt_lengths=prompt_lengths, context_size=context_size, pad_id=pad_id, processors=processors,
+        num_samples=num_samples,
     )
     chunk = min(chunk, cfg.max_new)
 
