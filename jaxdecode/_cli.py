@@ -117,7 +117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"jaxdecode: prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context ({max_len})", file=sys.stderr)
         return 2
     n = args.num_samples
-    batch = jnp.asarray([ids] * n, jnp.int32)
+    batch = jnp.asarray([ids], jnp.int32)  # one prefill; num_samples broadcasts its cache
     eos = list(tokenizer.eos_ids) or None
 
     stream = jaxdecode.generate_stream(
@@ -132,6 +132,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         min_p=args.min_p,
         repetition_penalty=args.repetition_penalty,
         eos_id=eos,
+        num_samples=n,
     )
     live = not args.json and n == 1
     decoders = [tokenizer.incremental_decoder() for _ in range(n)]

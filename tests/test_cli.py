@@ -1,0 +1,74 @@
+"""The jaxdecode CLI on the default model: deterministic greedy text, JSON, samples, errors."""
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+
+from jaxdecode import _cli
+
+
+def run(capsys, *argv):
+    code = _cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_greedy_streams_prompt_and_continuation(capsys, tmp_path, monkeypatch):
+    monkeypatch.setenv("JAXDECODE_CACHE_DIR", str(tmp_path / "xla"))
+    code, out, err = run(capsys, "every effort moves you", "--max-new-tokens", "6", "--temperature", "0")
+    assert code == 0
+    assert out.startswith("every effort moves you away from your friends.")
+    assert "tokens/s" in err and "load" in err
+    code2, out2, _ = run(capsys, "every effort moves you", "--max-new-tokens", "6")
+    assert out2 == out  # greedy is deterministic (and the default)
+
+
+def test_json_num_samples_and_seed(capsys):
+    args = ["Once upon a time", "--max-new-tokens", "5", "--temperature", "0.9", "--top-p", "0.95", "--num-samples", "3", "--json"]
+    code, out, _ = run(capsys, *args, "--seed", "1")
+    assert code == 0
+    data = json.loads(out)
+    assert len(data["completions"]) == 3
+    for c in data["completions"]:
+        assert len(c["tokens"]) == len(c["logprobs"]) <= 5
+        assert all(lp <= 0 for lp in c["logprobs"])
+        assert c["finish_reason"] in ("stop", "length")
+    assert data["prompt_tokens"] and data["timing"]["generated_tokens"] > 0
+    _, again, _ = run(capsys, *args, "--seed", "1")
+    assert [c["tokens"] for c in json.loads(again)["completions"]] == [c["tokens"] for c in data["completions"]]
+
+
+def test_stdin_prompt_and_chat(capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("What is 2+2?\n"))
+    code, out, _ = run(capsys, "--chat", "--max-new-tokens", "4", "--json")
+    assert code == 0
+    data = json.loads(out)
+    assert "What is 2+2?" in data["prompt"] and "assistant" in data["prompt"]
+
+
+@pytest.mark.parametrize(
+    "args,message",
+    [
+        (["x", "--temperature", "-1"], "--temperature must be >= 0"),
+        (["x", "--top-p", "0"], "--top-p must be in (0, 1]"),
+        (["x", "--max-new-tokens", "0"], "--max-new-tokens must be >= 1"),
+    ],
+)
+def test_bad_arguments_exit_2(capsys, args, message):
+    with pytest.raises(SystemExit) as exc:
+        _cli.main(args)
+    assert exc.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_missing_model_file(capsys, tmp_path):
+    code, _, err = run(capsys, "x", "--model", str(tmp_path / "nope.gguf"))
+    assert code == 2 and "nope.gguf" in err
+
+
+def test_module_entry_point():
+    proc = subprocess.run([sys.executable, "-m", "jaxdecode", "--help"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "--max-new-tokens" in proc.stdout
