@@ -18,3 +18,4 @@ from ._load import load as load
 from ._gpt2 import GPT2 as GPT2
 from ._gpt2 import GPT2Config as GPT2Config
 from ._hf import load_hf_checkpoint as load_hf_checkpoint
+from ._draft import first_layers as first_layers
