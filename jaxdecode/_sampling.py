@@ -137,6 +137,17 @@ def _largest_threshold(keys: jax.Array, ok) -> jax.Array:
     return lax.fori_loop(0, 32, body, jnp.zeros(keys.shape[:-1], jnp.uint32))
 
 
+def _argmax(x: jax.Array) -> jax.Array:
+    """First index of the maximum along the last axis (NaN-free input).
+
+    Same result as ``jnp.argmax``, which XLA:CPU runs as a slow variadic reduction (about
+    27 ms at 64 x 50257 against about 5 ms for a max, a compare and a min).
+    """
+    m = jnp.max(x, axis=-1, keepdims=True)
+    iota = lax.broadcasted_iota(jnp.int32, x.shape, x.ndim - 1)
+    return jnp.min(jnp.where(x == m, iota, x.shape[-1]), axis=-1).clip(0, x.shape[-1] - 1)
+
+
 def _masked_sum(mask: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, w, 0.0), axis=-1)
 
@@ -147,7 +158,7 @@ def _inverse_cdf(u: jax.Array, w: jax.Array) -> jax.Array:
     target = u * c[..., -1]
     idx = jnp.sum(c <= target[..., None], axis=-1).astype(jnp.int32)
     # u * total can round up to total; fall back to the heaviest entry then (never out of range).
-    return jnp.where(idx >= w.shape[-1], jnp.argmax(w, axis=-1).astype(jnp.int32), idx)
+    return jnp.where(idx >= w.shape[-1], _argmax(w), idx)
 
 
 def _typical_keep(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_threshold) -> jax.Array:
@@ -346,7 +357,7 @@ def probs(logits: jax.Array, knobs: SamplingKnobs) -> jax.Array:
     keep = _full_keep(l, knobs)
     w = jnp.where(keep, jnp.exp(l - jnp.where(empty, 0.0, m)), 0.0)
     p = w / jnp.sum(w, axis=-1, keepdims=True)
-    top = jnp.argmax(l, axis=-1)
+    top = _argmax(l)
     onehot = jax.nn.one_hot(jnp.where(empty[..., 0], 0, top), vocab, dtype=jnp.float32)
     return jnp.where((knobs.temperature <= 0)[..., None] | empty, onehot, p)
 
@@ -377,7 +388,7 @@ def greedy(logits: jax.Array) -> jax.Array:
 
 @jax.jit
 def _greedy(logits: jax.Array) -> jax.Array:
-    return jnp.argmax(_sanitize(logits), axis=-1).astype(jnp.int32)
+    return _argmax(_sanitize(logits))
 
 
 def _sample_impl(key: jax.Array, per_row: bool, logits: jax.Array, knobs: SamplingKnobs):
