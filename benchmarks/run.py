@@ -88,7 +88,7 @@ FULL = Settings("full", runs=5, new_tokens=64, long_new_tokens=512, long_runs=3,
                 memory_configs=(("jaxdecode", "float32", 1), ("jaxdecode", "float32", 32),
                                 ("jaxdecode", "bfloat16", 1), ("jaxdecode", "int8", 1),
                                 ("hf", "float32", 1)))
-QUICK = Settings("quick", runs=2, new_tokens=32, long_new_tokens=128, long_runs=1, load_runs=1,
+QUICK = Settings("quick", runs=2, new_tokens=32, long_new_tokens=128, long_runs=2, load_runs=1,
                  compile_runs=1, batches=(1, 8), sampler_runs=3, sampler_calls=2,
                  memory_configs=(("jaxdecode", "float32", 1),))
 
@@ -208,7 +208,6 @@ class Ctx:
         self._tok = None
         self._hf = None
         self._hf_error = None
-        self._gen_cache: dict = {}
         import jax
 
         self.jax = jax
@@ -283,45 +282,47 @@ class Ctx:
 
         return run
 
-    def gen_times(self, dtype: str, batch: int, text: str, new: int, sampled: bool, runs: int | None = None,
-                  hf_interleave: bool = False) -> dict:
-        """Warm-up (compile) + timed runs of one generate configuration (memoized). With
-        ``hf_interleave``, the HF baseline runs the same configuration between jaxdecode runs so
-        both see the same machine load."""
-        key = (dtype, batch, text, new, sampled)
-        if key in self._gen_cache:
-            cached = self._gen_cache[key]
-            if not hf_interleave or "hf" in cached or self.hf() is None:
-                return cached
+    def measure(self, configs, runs: int | None = None, hf: bool = False) -> list:
+        """Timed generate runs of several configurations ``(dtype, batch, text, new, sampled)``,
+        interleaved: one warm-up (compile) each, then ``runs`` rounds that run every
+        configuration once, so all of them see the same machine load and their ratios stay
+        meaningful on a shared machine. With ``hf``, the HF baseline runs each configuration
+        too, inside the same rounds. Returns one result dict per configuration."""
         runs = runs or self.s.runs
-        run = self.gen_fn(dtype, batch, text, new, sampled)
-        first = timed(run)
-        hf = self.hf() if hf_interleave else None
-        hf_run = hf_first = None
-        if hf is not None:
-            ids = [self.ids(text)] * batch
-            counter = [0]
+        base = self.hf() if hf else None
+        entries = []
+        for cfg in configs:
+            dtype, batch, text, new, sampled = cfg
+            e = {"cfg": cfg, "run": self.gen_fn(*cfg), "times": [], "hf_times": []}
+            e["warmup_s"] = timed(e["run"])
+            if base is not None:
+                ids = [self.ids(text)] * batch
+                counter = [0]
 
-            def _hf_run():
-                counter[0] += 1
-                return hf.generate(ids, new, do_sample=sampled, seed=counter[0], **SAMPLING)
+                def hf_run(ids=ids, new=new, sampled=sampled, counter=counter):
+                    counter[0] += 1
+                    return base.generate(ids, new, do_sample=sampled, seed=counter[0], **SAMPLING)
 
-            hf_run = _hf_run
-            hf_first = timed(hf_run)
-        times, hf_times = [], []
-        for i in range(runs):
-            times.append(timed(run))
-            if hf_run is not None:
-                hf_times.append(timed(hf_run))
-        tokens = batch * new
-        res = {"dtype": dtype, "batch": batch, "new_tokens": new, "sampled": sampled,
-               "prompt_tokens": len(self.ids(text)), "first_call_s": first, "time_s": stats(times),
-               "tokens_per_s": rate_stats(tokens, times), "ms_per_step": stats([1e3 * t / new for t in times])}
-        if hf_run is not None:
-            res["hf"] = {"warmup_s": hf_first, "time_s": stats(hf_times),
-                         "tokens_per_s": rate_stats(tokens, hf_times)}
-        self._gen_cache[key] = res
-        return res
+                e["hf_run"] = hf_run
+                e["hf_warmup_s"] = timed(hf_run)
+            entries.append(e)
+        for _ in range(runs):
+            for e in entries:
+                e["times"].append(timed(e["run"]))
+                if "hf_run" in e:
+                    e["hf_times"].append(timed(e["hf_run"]))
+        out = []
+        for e in entries:
+            dtype, batch, text, new, sampled = e["cfg"]
+            tokens, times = batch * new, e["times"]
+            res = {"dtype": dtype, "batch": batch, "new_tokens": new, "sampled": sampled,
+                   "prompt_tokens": len(self.ids(text)), "warmup_s": e["warmup_s"], "time_s": stats(times),
+                   "tokens_per_s": rate_stats(tokens, times), "ms_per_step": stats([1e3 * t / new for t in times])}
+            if e["hf_times"]:
+                res["hf"] = {"warmup_s": e["hf_warmup_s"], "time_s": stats(e["hf_times"]),
+                             "tokens_per_s": rate_stats(tokens, e["hf_times"])}
+            out.append(res)
+        return out
 
     # -- results ---------------------------------------------------------------------
     def row(self, bench: str, label: str, value: dict | None, unit: str, *, baseline: dict | None = None,
@@ -422,7 +423,7 @@ def _continuation(ctx: Ctx, new: int) -> dict:
 
 def bench_greedy(ctx: Ctx) -> dict:
     n = ctx.s.new_tokens
-    res = ctx.gen_times("float32", 1, PROMPT, n, False, hf_interleave=True)
+    (res,) = ctx.measure([("float32", 1, PROMPT, n, False)], hf=True)
     _hf_row(ctx, "greedy", f"Greedy tokens/s, batch 1, {n} new", res, "greedy_b1")
     res = dict(res)
     res["continuation"] = _continuation(ctx, ctx.s.new_tokens)
@@ -431,7 +432,7 @@ def bench_greedy(ctx: Ctx) -> dict:
 
 def bench_sampled(ctx: Ctx) -> dict:
     n = ctx.s.new_tokens
-    res = ctx.gen_times("float32", 8, PROMPT, n, True, hf_interleave=True)
+    (res,) = ctx.measure([("float32", 8, PROMPT, n, True)], hf=True)
     _hf_row(ctx, "sampled", f"Sampled tokens/s, batch 8, {n} new (T 0.8, top-k 50, top-p 0.9)", res, "sampled_b8")
     return res
 
@@ -454,11 +455,9 @@ def _hf_row(ctx: Ctx, bench: str, label: str, res: dict, earlier_key: str) -> No
 
 def bench_scaling(ctx: Ctx) -> dict:
     n = ctx.s.new_tokens
-    per_batch = {}
-    for b in ctx.s.batches:
-        log(f"  batch {b} ...")
-        per_batch[b] = ctx.gen_times("float32", b, LONG_PROMPT, n, False)
-        log(f"    {fmt_stat(per_batch[b]['tokens_per_s'])} tok/s")
+    log(f"  batches {ctx.s.batches}, interleaved ...")
+    measured = ctx.measure([("float32", b, LONG_PROMPT, n, False) for b in ctx.s.batches])
+    per_batch = dict(zip(ctx.s.batches, measured))
     b_lo, b_hi = min(per_batch), max(per_batch)
     ratio = per_batch[b_hi]["tokens_per_s"]["median"] / per_batch[b_lo]["tokens_per_s"]["median"]
     res = {"prompt_tokens": per_batch[b_lo]["prompt_tokens"], "new_tokens": n,
@@ -473,9 +472,9 @@ def bench_scaling(ctx: Ctx) -> dict:
 
 def bench_long(ctx: Ctx) -> dict:
     short, long_ = ctx.s.new_tokens, ctx.s.long_new_tokens
-    a = ctx.gen_times("float32", 1, PROMPT, short, False)
-    log(f"  {long_} new tokens ...")
-    b = ctx.gen_times("float32", 1, PROMPT, long_, False, runs=ctx.s.long_runs)
+    log(f"  {short} and {long_} new tokens, interleaved ...")
+    a, b = ctx.measure([("float32", 1, PROMPT, short, False), ("float32", 1, PROMPT, long_, False)],
+                       runs=ctx.s.long_runs)
     ratio = b["ms_per_step"]["median"] / a["ms_per_step"]["median"]
     res = {"short": a, "long": b, "ratio": ratio}
     ctx.row("long", f"Per-token cost, {long_} new tokens (b1)", b["ms_per_step"], "ms/token",
@@ -500,10 +499,9 @@ def _logit_diff(ctx: Ctx, dtype: str) -> dict:
 
 def _low_precision(ctx: Ctx, dtype: str, bench: str) -> dict:
     n = ctx.s.new_tokens
-    f32 = ctx.gen_times("float32", 1, PROMPT, n, False)
     ctx.model(dtype)
     load_s = ctx._models[dtype][2]
-    r = ctx.gen_times(dtype, 1, PROMPT, n, False)
+    f32, r = ctx.measure([("float32", 1, PROMPT, n, False), (dtype, 1, PROMPT, n, False)])
     diff = _logit_diff(ctx, dtype)
     ratio = r["tokens_per_s"]["median"] / f32["tokens_per_s"]["median"]
     ctx.row(bench, f"{dtype} weights: greedy tokens/s, batch 1", r["tokens_per_s"], "tok/s",
@@ -712,15 +710,18 @@ def bench_profile(ctx: Ctx) -> dict:
     weight_mb = model.num_params() * jnp.dtype(model.dtype).itemsize / 2**20
     res["weight_mb"] = weight_mb
     res["matmul_gb_per_s"] = weight_mb / 1024 / (res["matmuls_ms"]["median"] / 1e3)
-    g = res["generate_ms_per_token"]["median"]
-    st = res["model_step_ms"]["median"]
-    mm = res["matmuls_ms"]["median"]
-    hd = res["lm_head_ms"]["median"]
-    lp = res["loop_greedy_ms_per_token"]["median"]
-    res["breakdown_ms"] = {"generate_per_token": g, "model_step": st, "matmuls_layers": mm - hd, "lm_head": hd,
-                           "step_minus_matmuls (attention, norms, rope, cache writes)": st - mm,
-                           "loop_and_sampling (null model)": lp,
-                           "unexplained (generate - step - loop)": g - st - lp}
+    def parts(which):
+        g, st, mm, hd, lp = (res[k][which] for k in ("generate_ms_per_token", "model_step_ms", "matmuls_ms",
+                                                      "lm_head_ms", "loop_greedy_ms_per_token"))
+        return {"generate per token": g, "model step": st, "matmuls, 30 layers": mm - hd, "LM head matmul": hd,
+                "step - matmuls (attention, norms, RoPE, cache writes)": st - mm,
+                "loop + penalties + greedy pick (null model)": lp,
+                "generate - step - loop (rest: prefill / n, dispatch)": g - st - lp}
+
+    res["breakdown_ms"] = parts("median")
+    res["breakdown_min_ms"] = parts("min")
+    g, st, mm, hd, lp = (res[k]["median"] for k in ("generate_ms_per_token", "model_step_ms", "matmuls_ms",
+                                                     "lm_head_ms", "loop_greedy_ms_per_token"))
     ctx.row("profile", "Decode step b1: jitted model.step", res["model_step_ms"], "ms",
             note=f"generate per token {g:.1f} ms")
     ctx.row("profile", "… of which: all matmuls (30 layers + LM head)", res["matmuls_ms"], "ms",
@@ -732,7 +733,7 @@ def bench_profile(ctx: Ctx) -> dict:
     ctx.row("profile", "Loop + sampling per token, T 0.8/top-k 50/top-p 0.9 (null model)",
             res["loop_sampled_ms_per_token"], "ms")
     st32, mm32 = res["model_step_b32_ms"]["median"], res["matmuls_b32_ms"]["median"]
-    res["breakdown_b32_ms"] = {"model_step": st32, "matmuls": mm32, "step_minus_matmuls": st32 - mm32}
+    res["breakdown_b32_ms"] = {"model step": st32, "matmuls": mm32, "step - matmuls": st32 - mm32}
     ctx.row("profile", "Decode step b32: jitted model.step", res["model_step_b32_ms"], "ms",
             note=f"matmuls {mm32:.1f} ms ({100 * mm32 / st32:.0f}%); {st32 / st:.1f}x the b1 step for 32x the tokens")
     return res
@@ -941,9 +942,17 @@ def write_markdown(doc: dict, path: str) -> None:
                          f"both start with {EXPECTED_START!r}: {g['jaxdecode_starts_ok'] and g['hf_starts_ok']}")
     prof = doc["benchmarks"].get("profile")
     if prof and "breakdown_ms" in prof:
-        lines += ["", "## Decode step breakdown (batch 1, float32)", "", "| part | ms |", "| --- | --- |"]
+        lines += ["", f"## Decode step breakdown (batch 1, float32, {prof['cache_slots']} cache slots)", "",
+                  "Interleaved timings; the min column is the least disturbed run. The model step is "
+                  "`model.step` jitted alone (it also copies the cache it does not donate); the null "
+                  "model is `generate` around a model that returns constant logits.", "",
+                  "| part | median ms | min ms |", "| --- | --- | --- |"]
         for k, v in prof["breakdown_ms"].items():
-            lines.append(f"| {k} | {v:.2f} |")
+            lines.append(f"| {k} | {v:.2f} | {prof['breakdown_min_ms'][k]:.2f} |")
+        if "breakdown_b32_ms" in prof:
+            b32 = prof["breakdown_b32_ms"]
+            lines += ["", f"Batch 32: model step {b32['model step']:.1f} ms, its matmuls {b32['matmuls']:.1f} ms, "
+                          f"the rest {b32['step - matmuls']:.1f} ms."]
     if doc["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     with open(path, "w") as f:
