@@ -58,6 +58,23 @@ SCRIPT = textwrap.dedent(
                                               err_msg=f"{{name}} / {{mesh_name}}: {{field}}")
             print("ok", name, mesh_name, out.tokens.sharding.spec)
 
+    # Beam search and speculative decoding: same guarantee on an Auto-axes mesh.
+    mesh = meshes["Mesh (auto axes)"]
+    rows = NamedSharding(mesh, P("data"))
+    sp = jax.device_put(prompt, NamedSharding(mesh, P("data", None)))
+    sl = jax.device_put(lengths, rows)
+    cm = cached(bigram)
+    ref = jaxdecode.beam_search(cm, prompt, 4, num_beams=3, num_return_sequences=2, prompt_lengths=lengths, eos_id=2)
+    out = jaxdecode.beam_search(cm, sp, 4, num_beams=3, num_return_sequences=2, prompt_lengths=sl, eos_id=2)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    np.testing.assert_allclose(np.asarray(out.scores), np.asarray(ref.scores), rtol=1e-6)
+    prop = jaxdecode.prompt_lookup(3, 2)
+    ref = jaxdecode.speculative_generate(cm, prompt, N, proposer=prop, key=keys, temperature=temperature, prompt_lengths=lengths, eos_id=2)
+    out = jaxdecode.speculative_generate(cm, sp, N, proposer=prop, key=jax.device_put(keys, rows),
+                                         temperature=jax.device_put(temperature, rows), prompt_lengths=sl, eos_id=2)
+    np.testing.assert_array_equal(np.asarray(out.tokens), np.asarray(ref.tokens))
+    print("ok beam_search and speculative_generate sharded")
+
     spec = importlib.util.spec_from_file_location("sharded_generate", {example!r})
     example = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(example)
