@@ -251,35 +251,26 @@ def beam_search(
 
 
 def _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_sequences, prompt_lengths, eos_id, pad_id):
+    """Shared eager checks of beam search and speculative decoding (generate's helpers)."""
+    from ._generate import _as_int, _check_prompt, _check_prompt_lengths
+
     if not (hasattr(model, "init_cache") and hasattr(model, "step")):
         raise TypeError(
             f"{fn}: `model` must provide init_cache(batch_size, max_length) and step(tokens, positions, cache) "
             f"(the KV-cached protocol); got {type(model).__name__}. Wrap functions with jaxdecode.CachedModel."
         )
-    for name, value, low in (("max_new_tokens", max_new_tokens, 1), ("num_beams", num_beams, 1), ("num_return_sequences", num_return_sequences, 1)):
-        if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-            raise TypeError(f"{fn}: `{name}` must be a Python int, got {value!r}.")
-        if value < low:
-            raise ValueError(f"{fn}: `{name}` must be >= {low}, got {value}.")
+    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
+        if _as_int(fn, name, value, "an int >= 1") < 1:
+            raise ValueError(f"{fn}: `{name}` must be >= 1, got {value}.")
     if num_return_sequences > num_beams:
         raise ValueError(f"{fn}: `num_return_sequences` ({num_return_sequences}) must be <= num_beams ({num_beams}).")
-    prompt = jnp.asarray(prompt)
-    if prompt.ndim != 2 or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise ValueError(f"{fn}: `prompt` must be an integer array of shape [batch, prompt_len], got dtype {prompt.dtype} and shape {tuple(prompt.shape)}.")
-    b, p = prompt.shape
-    if prompt_lengths is None:
-        prompt_lengths = jnp.full((b,), p, jnp.int32)
-    else:
-        if np.shape(prompt_lengths) != (b,):
-            raise ValueError(f"{fn}: `prompt_lengths` must have shape ({b},), got {np.shape(prompt_lengths)}.")
-        V.check_knob(fn, "prompt_lengths", prompt_lengths, low=1, high=p, integer=True, allowed=f"integers in [1, {p}]")
-        prompt_lengths = jnp.asarray(prompt_lengths, jnp.int32)
-    ids = [] if eos_id is None else np.atleast_1d(np.asarray(eos_id, np.int64)).tolist()
-    for e in ids:
-        if e < 0:
-            raise ValueError(f"{fn}: `eos_id` must be non-negative token ids, got {eos_id!r}.")
-    eos = jnp.asarray(ids if ids else [-1], jnp.int32)
-    return prompt.astype(jnp.int32), prompt_lengths, eos
+    _as_int(fn, "pad_id", pad_id, "a token id")
+    prompt = _check_prompt(fn, prompt)
+    prompt_lengths = _check_prompt_lengths(fn, prompt_lengths, *prompt.shape)
+    ids = [] if eos_id is None else np.atleast_1d(np.asarray(eos_id)).reshape(-1).tolist()
+    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in ids):
+        raise ValueError(f"{fn}: `eos_id` must be a non-negative token id or a list of them, got {eos_id!r}.")
+    return prompt, prompt_lengths, jnp.asarray(ids if ids else [-1], jnp.int32)
 
 
 def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_new_tokens, num_beams, num_return, num_top):
