@@ -208,11 +208,12 @@ def beam_search(
     pad_id: int = 0,
     top_logprobs: int = 0,
 ) -> BeamSearchOutput:
-    """Beam search over a KV-cached model (see ``docs/CONTRACTS.md``), compiled once per shape.
+    """Beam search, compiled once per shape.
 
     Args:
-      model: an object with ``init_cache(batch_size, max_length)`` and
-        ``step(tokens, positions, cache) -> (logits, cache)``; any cache pytree works.
+      model: a KV-cached model (``init_cache(batch_size, max_length)`` and
+        ``step(tokens, positions, cache) -> (logits, cache)``; any cache pytree works), or a
+        stateless causal ``model(tokens) -> logits`` run on the whole buffer each step.
       prompt: int32[B, P], right-padded when ragged.
       max_new_tokens: N >= 1, static.
       num_beams: K >= 1, static. ``num_beams=1`` is greedy decoding.
@@ -240,6 +241,7 @@ def beam_search(
     """
     fn = "jaxdecode.beam_search"
     prompt, prompt_lengths, eos = _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_sequences, prompt_lengths, eos_id, pad_id)
+    model = _cache.as_cached(model)
     V.check_knob(fn, "length_penalty", length_penalty, allowed="a finite number")
     if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)) or top_logprobs < 0:
         raise ValueError(f"{fn}: `top_logprobs` must be an int >= 0, got {top_logprobs!r}.")
@@ -254,10 +256,11 @@ def _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_seque
     """Shared eager checks of beam search and speculative decoding (generate's helpers)."""
     from ._generate import _as_int, _check_prompt, _check_prompt_lengths
 
-    if not (hasattr(model, "init_cache") and hasattr(model, "step")):
+    if not (hasattr(model, "init_cache") and hasattr(model, "step")) and not callable(model):
         raise TypeError(
-            f"{fn}: `model` must provide init_cache(batch_size, max_length) and step(tokens, positions, cache) "
-            f"(the KV-cached protocol); got {type(model).__name__}. Wrap functions with jaxdecode.CachedModel."
+            f"{fn}: `model` must be a KV-cached model (init_cache(batch_size, max_length) and "
+            f"step(tokens, positions, cache)) or a stateless callable model(tokens) -> logits; "
+            f"got {type(model).__name__}."
         )
     for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
         if _as_int(fn, name, value, "an int >= 1") < 1:

@@ -9,7 +9,7 @@ does not depend on the batch (e.g. a shared step counter) are left as they are.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -39,3 +39,42 @@ def take_rows(cache: Any, axes: Any, rows: jax.Array) -> Any:
         return x if ax is None else jnp.take(x, rows, axis=ax)
 
     return jax.tree.map(take, cache, axes, is_leaf=lambda v: v is None)
+
+
+class StatelessAsCached(NamedTuple):
+    """The KV-cached protocol for a stateless causal model ``model(tokens[B, T]) -> logits``.
+
+    The "cache" is the token buffer ``int32[B, S]``; ``step`` writes its tokens at their
+    positions and runs the model on the whole buffer, reading the logits at the query
+    positions (causality makes the junk past them irrelevant). It costs a full forward pass
+    per call, as the stateless protocol always does; the model must accept length S
+    (prompt + new tokens). Being a NamedTuple, it is a pytree exactly when ``model`` is one,
+    so params stay traced through ``model_jit``.
+    """
+
+    model: Any
+
+    def init_cache(self, batch_size: int, max_length: int) -> jax.Array:
+        return jnp.zeros((batch_size, max_length), jnp.int32)
+
+    def step(self, tokens: jax.Array, positions: jax.Array, cache: jax.Array):
+        rows = jnp.arange(tokens.shape[0])[:, None]
+        cache = cache.at[rows, positions].set(tokens, mode="drop")
+        full = self.model(cache)
+        b, s = cache.shape
+        if getattr(full, "ndim", 0) != 3 or tuple(full.shape[:2]) != (b, s):
+            raise ValueError(
+                f"model(tokens) returned logits of shape {tuple(getattr(full, 'shape', ()))}; expected "
+                f"[B, T, V] = [{b}, {s}, V] for tokens of shape ({b}, {s})."
+            )
+        idx = jnp.clip(positions, 0, cache.shape[1] - 1)[:, :, None]
+        return jnp.take_along_axis(full, idx, axis=1), cache
+
+
+def as_cached(model: Any) -> Any:
+    """``model`` itself if it has the KV-cached protocol, else a :class:`StatelessAsCached`."""
+    if hasattr(model, "init_cache") and hasattr(model, "step"):
+        return model
+    if callable(model):
+        return StatelessAsCached(model)
+    return model

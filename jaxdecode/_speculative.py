@@ -31,6 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
+from . import _cache
 from . import _sampling
 from . import _validate as V
 from ._modeljit import model_jit
@@ -53,10 +54,10 @@ class PromptLookup(NamedTuple):
 def draft_model(model: Any, num_tokens: int = 4) -> DraftModel:
     """A draft-model proposer (``num_tokens`` = k tokens proposed per round)."""
     _check_count("jaxdecode.draft_model", "num_tokens", num_tokens)
-    if not (hasattr(model, "init_cache") and hasattr(model, "step")):
+    if not (hasattr(model, "init_cache") and hasattr(model, "step")) and not callable(model):
         raise TypeError(
-            "jaxdecode.draft_model: `model` must provide init_cache and step (the KV-cached protocol); "
-            f"got {type(model).__name__}."
+            "jaxdecode.draft_model: `model` must be a KV-cached model (init_cache and step) or a stateless "
+            f"callable model(tokens) -> logits; got {type(model).__name__}."
         )
     return DraftModel(model, int(num_tokens))
 
@@ -322,7 +323,8 @@ def speculative_generate(
     """Generates with speculative decoding; the output distribution equals plain sampling's.
 
     Args:
-      model: the target, a KV-cached model (``init_cache``/``step``).
+      model: the target: a KV-cached model (``init_cache``/``step``), or a stateless causal
+        ``model(tokens) -> logits`` (run on the whole buffer each round).
       prompt: int32[B, P], right-padded when ragged.
       max_new_tokens: N >= 1 (static).
       proposer: :func:`draft_model` or :func:`prompt_lookup` (static).
@@ -351,6 +353,9 @@ def speculative_generate(
     from ._beam import _check_inputs  # shared prompt / length / eos checks
 
     prompt, prompt_lengths, eos = _check_inputs(fn, model, prompt, max_new_tokens, 1, 1, prompt_lengths, eos_id, pad_id)
+    model = _cache.as_cached(model)
+    if isinstance(proposer, DraftModel):
+        proposer = proposer._replace(model=_cache.as_cached(proposer.model))
     b, p = prompt.shape
     knobs = _sampling.make_knobs(fn, (b,), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
     keys = _row_keys(fn, key, b, knobs.temperature)

@@ -118,6 +118,8 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="max_new_tokens"):
         jaxdecode.beam_search(model, prompt, 0, num_beams=2)
     with pytest.raises(TypeError, match="init_cache"):
+        jaxdecode.beam_search("not a model", prompt, 3, num_beams=2)
+    with pytest.raises(ValueError, match=r"logits of shape \(1, 5\)"):
         jaxdecode.beam_search(lambda t: t, prompt, 3, num_beams=2)
     with pytest.raises(ValueError, match="prompt_lengths"):
         jaxdecode.beam_search(model, prompt, 3, num_beams=2, prompt_lengths=[3])
@@ -160,3 +162,15 @@ def test_per_token_and_top_logprobs():
             np.testing.assert_allclose(np.asarray(out.top_logprobs[0, r, j - 2]), row[order], rtol=1e-5, atol=1e-5)
         np.testing.assert_allclose(float(out.sum_logprobs[0, r]), float(np.sum(out.logprobs[0, r])), rtol=1e-5)
         assert np.all(np.asarray(out.logprobs[0, r, length - 2 :]) == 0)
+
+
+def test_stateless_model_equals_cached_model():
+    from fake_models import Bigram, cached
+
+    bigram = Bigram.random(7, seed=1)
+    prompts = jnp.array([[1, 2, 3], [4, 5, 0]], jnp.int32)
+    kw = dict(num_beams=3, num_return_sequences=2, prompt_lengths=[3, 2], eos_id=6)
+    a = jaxdecode.beam_search(bigram, prompts, 5, **kw)
+    b = jaxdecode.beam_search(cached(bigram), prompts, 5, **kw)
+    np.testing.assert_array_equal(a.tokens, b.tokens)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)

@@ -145,3 +145,15 @@ def test_vmap_equals_batched_call():
     batched = jaxdecode.speculative_generate(TARGET, prompts, 6, key=keys, **kw)
     one = lambda p, k: jaxdecode.speculative_generate(TARGET, p[None], 6, key=k[None], **kw).tokens[0]
     np.testing.assert_array_equal(jax.vmap(one)(prompts, keys), batched.tokens)
+
+
+def test_stateless_target_and_draft():
+    from fake_models import Bigram, cached
+
+    target, draft = Bigram.random(9, seed=2), Bigram.random(9, seed=2, scale=1.0)
+    prompts = jnp.array([[1, 2, 3], [4, 5, 0]], jnp.int32)
+    kw = dict(temperature=0.0, prompt_lengths=[3, 2], eos_id=8)
+    plain = jaxdecode.generate(target, prompts, 10, **kw)
+    for proposer in (jaxdecode.draft_model(draft, 3), jaxdecode.draft_model(cached(draft), 2), jaxdecode.prompt_lookup(3, 2)):
+        out = jaxdecode.speculative_generate(target, prompts, 10, proposer=proposer, **kw)
+        np.testing.assert_array_equal(out.tokens, plain.tokens)
