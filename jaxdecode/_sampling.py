@@ -152,13 +152,40 @@ def _masked_sum(mask: jax.Array, w: jax.Array) -> jax.Array:
     return jnp.sum(jnp.where(mask, w, 0.0), axis=-1)
 
 
+_CDF_BLOCK = 256
+
+
 def _inverse_cdf(u: jax.Array, w: jax.Array) -> jax.Array:
-    """Index drawn with probability proportional to ``w >= 0`` along the last axis."""
-    c = jnp.cumsum(w, axis=-1)
-    target = u * c[..., -1]
-    idx = jnp.sum(c <= target[..., None], axis=-1).astype(jnp.int32)
-    # u * total can round up to total; fall back to the heaviest entry then (never out of range).
-    return jnp.where(idx >= w.shape[-1], _argmax(w), idx)
+    """Index drawn with probability proportional to ``w >= 0`` along the last axis.
+
+    Long rows use two levels: block sums and their cumulative sum pick the block, then a
+    cumulative sum inside that block picks the entry. Same result as one cumulative sum over
+    the row up to float rounding, and about 5x faster on XLA:CPU at 64 x 50257 (a 50k-long
+    cumsum is slow there).
+    """
+    n = w.shape[-1]
+    if n <= 4 * _CDF_BLOCK:
+        c = jnp.cumsum(w, axis=-1)
+        target = u * c[..., -1]
+        idx = jnp.sum(c <= target[..., None], axis=-1, dtype=jnp.int32)
+    else:
+        blocks = -(-n // _CDF_BLOCK)
+        wp = jnp.pad(w, [(0, 0)] * (w.ndim - 1) + [(0, blocks * _CDF_BLOCK - n)])
+        wp = wp.reshape(w.shape[:-1] + (blocks, _CDF_BLOCK))
+        c = jnp.cumsum(jnp.sum(wp, axis=-1), axis=-1)  # [..., blocks]
+        target = u * c[..., -1]
+        blk = jnp.minimum(jnp.sum(c <= target[..., None], axis=-1, dtype=jnp.int32), blocks - 1)
+        before = jnp.take_along_axis(c, jnp.maximum(blk - 1, 0)[..., None], axis=-1)[..., 0]
+        before = jnp.where(blk > 0, before, 0.0)
+        inner = jnp.take_along_axis(wp, blk[..., None, None], axis=-2)[..., 0, :]
+        ci = before[..., None] + jnp.cumsum(inner, axis=-1)
+        idx = blk * _CDF_BLOCK + jnp.sum(ci <= target[..., None], axis=-1, dtype=jnp.int32)
+        # Rounding can push the target past the chosen block's last non-zero entry.
+        idx = jnp.where(jnp.take_along_axis(w, jnp.minimum(idx, n - 1)[..., None], axis=-1)[..., 0] > 0, idx, n)
+    # u * total can round up to total; fall back to the heaviest entry then (never out of
+    # range). Behind a cond: computing the fallback unconditionally costs ~5x the draw.
+    past = idx >= n
+    return lax.cond(jnp.any(past), lambda: jnp.where(past, _argmax(w), idx), lambda: idx)
 
 
 def _typical_keep(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_threshold) -> jax.Array:
@@ -202,7 +229,8 @@ def _when_any(active: jax.Array, search, shape) -> jax.Array:
 def _top_k_threshold(keys: jax.Array, k: jax.Array) -> jax.Array:
     vocab = keys.shape[-1]
     on = (k > 0) & (k < vocab)
-    search = lambda: _largest_threshold(keys, lambda mask: jnp.sum(mask, axis=-1, dtype=jnp.int32) >= k)
+    # Counting with a float sum: an int32 reduction is ~4x slower on XLA:CPU (exact below 2^24).
+    search = lambda: _largest_threshold(keys, lambda mask: jnp.sum(jnp.where(mask, 1.0, 0.0), axis=-1) >= k)
     return _when_any(on, search, keys.shape[:-1])
 
 
