@@ -931,6 +931,9 @@ def machine_info() -> dict:
     try:
         info["git_commit"] = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                                             cwd=_ROOT).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "jaxdecode"], capture_output=True, text=True,
+                               cwd=_ROOT).stdout.split("\n")
+        info["jaxdecode_uncommitted"] = [l[3:] for l in dirty if l.strip()]
     except Exception:
         pass
     try:
@@ -951,7 +954,10 @@ def write_markdown(doc: dict, path: str) -> None:
         f"Mode **{meta['mode']}**, {meta['started']} ({meta['duration_s']:.0f} s), `{meta['command']}`.",
         f"Machine: {m.get('cpu_model', m['processor'])}, {m['cpu_count']} cores, {m['memory_gb']} GB; "
         f"JAX {m['jax']} on {m['device_platform']} ({m['device_kind']}); Python {m['python']}; "
-        f"commit {m.get('git_commit', '?')}. HF baseline: {meta.get('hf', 'not run')}.",
+        f"commit {m.get('git_commit', '?')}"
+        + (f" (+ uncommitted changes in {', '.join(m['jaxdecode_uncommitted'])})" if m.get("jaxdecode_uncommitted")
+           else "")
+        + f". HF baseline: {meta.get('hf', 'not run')}.",
         f"Load average (1/5/15 min): start {meta['loadavg_start']}, end {meta['loadavg_end']}, "
         f"highest 1-min seen {meta['loadavg_max_1min']}.",
         "",
