@@ -168,7 +168,9 @@ def test_bfloat16_weights_run_and_stay_close():
 def test_model_is_a_pytree_and_jit_reuses_compilation_for_new_params():
     model, _ = make(seed=14)
     leaves, treedef = jax.tree_util.tree_flatten(model)
-    assert len(leaves) == 12  # embed, norm, lm_head and the 9 stacked layer arrays
+    # embed, norm, lm_head and 9 arrays per layer (per-layer storage, see LayerStack)
+    assert len(leaves) == 3 + 9 * model.config.n_layers
+    assert len(jax.tree_util.tree_leaves(model.params)) == 12  # params: the stacked layout
     traces = []
 
     @jax.jit

@@ -37,7 +37,7 @@ import numpy as np
 from ._common import (ROPE_LAYOUTS, apply_rope, attention, linear, parse_dtype, prefix_buckets,
                       rms_norm, rope_angles)
 
-__all__ = ["LlamaConfig", "Llama", "KVCache", "llama_param_shapes"]
+__all__ = ["LlamaConfig", "Llama", "KVCache", "LayerStack", "llama_param_shapes"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +119,81 @@ def llama_param_shapes(cfg: LlamaConfig) -> dict:
     return shapes
 
 
+class LayerStack(Mapping):
+    """``params["layers"]`` of a concrete :class:`Llama`: the contract's stacked layer arrays,
+    stored as one buffer per layer.
+
+    Why: inside a compiled step, reading layer i's matrices out of stacked ``[L, ...]`` arrays
+    (``lax.scan``'s dynamic slices, or static slices of an unrolled loop) makes XLA:CPU copy
+    every weight matrix once per layer and step, which roughly doubles the memory traffic of
+    decoding. Separate buffers per layer are read in place.
+
+    It reads as the contract layout (``docs/CONTRACTS.md``): ``stack["wq"]`` is the stacked
+    ``[L, D, H*hd]`` array (built on demand: a copy), ``dict(stack)`` the stacked dict, and as a
+    pytree node it flattens to the stacked arrays too, so ``jax.tree.map(f, model.params)``
+    sees the contract layout (at the cost of a copy). A :class:`Llama` itself flattens to the
+    per-layer arrays (``layers[i][name]``, the contract shape without the leading ``L``): that
+    is what ``jit`` and ``jaxdecode.generate`` trace. Leaves that are not concrete arrays
+    (tracers, placeholders) are kept stacked, and the model runs them with a ``lax.scan``.
+    """
+
+    __slots__ = ("layers", "_stacked")
+
+    def __init__(self, layers=None, *, stacked=None):
+        if (layers is None) == (stacked is None):
+            raise ValueError("LayerStack takes per-layer dicts or stacked=, not both")
+        if layers is not None:
+            layers = tuple(dict(lp) for lp in layers)
+            if not layers or any(set(lp) != set(layers[0]) for lp in layers):
+                raise ValueError("LayerStack: needs >= 1 layer, every layer with the same keys")
+        self.layers = layers  # tuple of per-layer dicts, or None when kept stacked
+        self._stacked = None if stacked is None else dict(stacked)
+
+    @classmethod
+    def from_stacked(cls, stacked: Mapping) -> "LayerStack":
+        """Splits stacked ``{name: [L, ...]}`` arrays (NumPy or JAX) into per-layer JAX arrays;
+        keeps them stacked when they are not all concrete arrays with a common leading axis."""
+        vals = list(stacked.values())
+        n = {np.shape(a)[0] if _is_concrete_array(a) and np.ndim(a) >= 1 else None for a in vals}
+        if len(n) != 1 or None in n or not vals:
+            return cls(stacked=stacked)
+        n = n.pop()
+        return cls({k: jnp.asarray(a[i]) for k, a in stacked.items()} for i in range(n))
+
+    def __getitem__(self, key):
+        if self._stacked is not None:
+            return self._stacked[key]
+        return jnp.stack([lp[key] for lp in self.layers])
+
+    def __iter__(self):
+        return iter(self._stacked if self._stacked is not None else self.layers[0])
+
+    def __len__(self):
+        return len(self._stacked if self._stacked is not None else self.layers[0])
+
+    def __repr__(self):
+        if self.layers is None:
+            return f"LayerStack(stacked: {sorted(self._stacked)})"
+        return f"LayerStack({len(self.layers)} layers: {sorted(self.layers[0])})"
+
+
+def _stack_flatten(stack):
+    keys = tuple(sorted(stack))
+    return [(jax.tree_util.DictKey(k), stack[k]) for k in keys], keys
+
+
+def _stack_unflatten(keys, children):
+    return LayerStack.from_stacked(dict(zip(keys, children)))
+
+
+jax.tree_util.register_pytree_with_keys(LayerStack, _stack_flatten, _stack_unflatten)
+
+
+def _is_concrete_array(a) -> bool:
+    return isinstance(a, np.ndarray) or (isinstance(a, jax.Array)
+                                         and not isinstance(a, jax.core.Tracer))
+
+
 class KVCache(NamedTuple):
     """Per-layer keys/values ``[L, B, KV, S, hd]`` (kv-head-major, so attention reads them
     without a transpose) in the weights' dtype; slot s holds the key/value of the token at
@@ -142,6 +217,16 @@ class Llama:
 
     params: Any
     config: LlamaConfig = dataclasses.field(metadata=dict(static=True))
+
+    def __post_init__(self):
+        # Concrete stacked layers are split into per-layer arrays (see LayerStack); traced or
+        # placeholder params are kept as given (and run with a lax.scan over layers).
+        p = self.params
+        if isinstance(p, Mapping) and isinstance(p.get("layers"), Mapping) \
+                and not isinstance(p["layers"], LayerStack):
+            stack = LayerStack.from_stacked(p["layers"])
+            if stack.layers is not None:
+                object.__setattr__(self, "params", {**p, "layers": stack})
 
     # ------------------------------------------------------------------ construction
     @classmethod
@@ -184,10 +269,11 @@ class Llama:
         return self.params["embed"].dtype
 
     def astype(self, dtype) -> "Llama":
-        return Llama(_cast_params(self.params, parse_dtype(dtype)), self.config)
+        leaves, treedef = jax.tree_util.tree_flatten(self)
+        return jax.tree_util.tree_unflatten(treedef, _cast_leaves(leaves, parse_dtype(dtype)))
 
     def num_params(self) -> int:
-        return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self.params)))
+        return int(sum(np.prod(a.shape) for a in jax.tree_util.tree_leaves(self)))
 
     def __repr__(self):
         try:
@@ -240,24 +326,46 @@ class Llama:
         w = p["lm_head"]
         return jnp.einsum("btd,dv->btv", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
-    def _qkv(self, lp, x, cos, sin):
+    def _qkv(self, lw, x, cos, sin):
         cfg = self.config
         B, T, _ = x.shape
-        h = rms_norm(x, lp["attn_norm"], cfg.norm_eps)
-        q = linear(h, lp["wq"]).reshape(B, T, cfg.n_heads, cfg.head_dim)
-        k = linear(h, lp["wk"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
-        v = linear(h, lp["wv"]).reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        h = rms_norm(x, lw.vec("attn_norm"), cfg.norm_eps)
+        q = lw.mm(h, "wq").reshape(B, T, cfg.n_heads, cfg.head_dim)
+        k = lw.mm(h, "wk").reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
+        v = lw.mm(h, "wv").reshape(B, T, cfg.n_kv_heads, cfg.head_dim)
         q = apply_rope(q, cos, sin, cfg.rope_layout)
         k = apply_rope(k, cos, sin, cfg.rope_layout)
         return q, k, v
 
-    def _finish(self, lp, x, attn):
+    def _finish(self, lw, x, attn):
         cfg = self.config
-        x = x + linear(attn, lp["wo"])
-        h = rms_norm(x, lp["mlp_norm"], cfg.norm_eps)
-        g = linear(h, lp["w_gate"])
-        u = linear(h, lp["w_up"])
-        return x + linear(jax.nn.silu(g) * u, lp["w_down"])
+        x = x + lw.mm(attn, "wo")
+        h = rms_norm(x, lw.vec("mlp_norm"), cfg.norm_eps)
+        g = lw.mm(h, "w_gate")
+        u = lw.mm(h, "w_up")
+        return x + lw.mm(jax.nn.silu(g) * u, "w_down")
+
+    def _layer_loop(self, body, carry):
+        """``carry = body(carry, lw, i)`` for each layer i, where ``lw`` gives layer i's weights
+        (``lw.mm(h, name)``, ``lw.vec(name)``). Per-layer storage (LayerStack): a Python loop
+        (``LAYER_LOOP = "unroll"``) or a ``lax.scan`` whose matmuls are ``lax.switch``es over the
+        per-layer buffers (``"switch"``); both read the weights in place. Stacked params: a
+        ``lax.scan`` over the stacked arrays."""
+        layers = self.params["layers"]
+        if isinstance(layers, LayerStack) and layers.layers is not None:
+            if LAYER_LOOP == "unroll":
+                for i, lp in enumerate(layers.layers):
+                    carry = body(carry, _Weights(lp), i)
+                return carry
+            vecs = {k: jnp.stack([lp[k] for lp in layers.layers])
+                    for k in layers.layers[0] if "norm" in k}
+            step = lambda c, i: (body(c, _SwitchedWeights(layers.layers, i, vecs), i), None)  # noqa: E731
+        else:
+            step = lambda c, xs: (body(c, _Weights(xs[0]), xs[1]), None)  # noqa: E731
+        idx = jnp.arange(self.config.n_layers, dtype=jnp.int32)
+        xs = idx if isinstance(layers, LayerStack) and layers.layers is not None \
+            else (dict(layers), idx)
+        return jax.lax.scan(step, carry, xs)[0]
 
     def _forward(self, tokens):
         cfg = self.config
@@ -268,15 +376,19 @@ class Llama:
         mask = jnp.tril(jnp.ones((T, T), bool))[None]
         x = self._embed(tokens)
 
-        def layer(x, lp):
-            q, k, v = self._qkv(lp, x, cos, sin)
+        def layer(x, lw, i):
+            q, k, v = self._qkv(lw, x, cos, sin)
             attn = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
-            return self._finish(lp, x, attn), None
+            return self._finish(lw, x, attn)
 
-        x, _ = jax.lax.scan(layer, x, self.params["layers"])
-        return self._head(x)
+        return self._head(self._layer_loop(layer, x))
 
     def _step(self, tokens, positions, cache):
+        x, cache = self._step_hidden(tokens, positions, cache)
+        return self._head(x), cache
+
+    def _step_hidden(self, tokens, positions, cache):
+        """The layer stack of ``step``: (hidden states [B, T, D] before the final norm, cache)."""
         cfg = self.config
         B, T = tokens.shape
         ck, cv = cache
@@ -302,29 +414,99 @@ class Llama:
 
         branches = [attend_prefix(size) for size in sizes]
 
-        def layer(carry, xs):
+        if T == 1:
+            # Decoding: one slot per row. A scatter with mode="drop" becomes, in XLA, a
+            # select over the whole cache (a full read + write of the layer's cache every step);
+            # instead write in-bounds slots only: an out-of-range position rewrites the slot it
+            # is clamped to with that slot's own value (one write per row, so no conflicts).
+            inb = (positions >= 0) & (positions < S)  # [B, 1]
+            slot = jnp.clip(positions, 0, S - 1)
+
+            def write(c, i, new):  # new: [B, 1, KV, hd]
+                old = c[i, rows, :, slot]  # [B, 1, KV, hd]
+                new = jnp.where(inb[:, :, None, None], new.astype(c.dtype), old)
+                if B == 1:  # XLA would turn a 1-row scatter into a select over the cache
+                    upd = new.transpose(0, 2, 1, 3)[None]  # [1, 1, KV, 1, hd]
+                    return jax.lax.dynamic_update_slice(c, upd, (i, 0, 0, slot[0, 0], 0))
+                return c.at[i, rows, :, slot].set(new, mode="promise_in_bounds")
+        else:
+            def write(c, i, new):
+                return c.at[i, rows, :, positions].set(new.astype(c.dtype), mode="drop")
+
+        def layer(carry, lw, i):
             x, kc, vc = carry
-            lp, i = xs
-            q, k, v = self._qkv(lp, x, cos, sin)
-            kc = kc.at[i, rows, :, positions].set(k.astype(kc.dtype), mode="drop")
-            vc = vc.at[i, rows, :, positions].set(v.astype(vc.dtype), mode="drop")
+            q, k, v = self._qkv(lw, x, cos, sin)
+            kc = write(kc, i, k)
+            vc = write(vc, i, v)
             if len(branches) == 1:
                 attn = branches[0](q, kc, vc, i)
             else:
                 attn = jax.lax.switch(bucket, branches, q, kc, vc, i)
-            return (self._finish(lp, x, attn), kc, vc), None
+            return self._finish(lw, x, attn), kc, vc
 
-        idx = jnp.arange(cfg.n_layers, dtype=jnp.int32)
-        (x, kc, vc), _ = jax.lax.scan(layer, (x, ck, cv), (self.params["layers"], idx))
-        return self._head(x), KVCache(kc, vc)
+        x, kc, vc = self._layer_loop(layer, (x, ck, cv))
+        return x, KVCache(kc, vc)
 
 
-jax.tree_util.register_dataclass(Llama, data_fields=["params"], meta_fields=["config"])
+LAYER_LOOP = "unroll"  # how per-layer weights are looped over: "unroll" or "switch"
+
+
+class _Weights:
+    """One layer's weights from a dict of arrays (static layer, or a scan slice)."""
+
+    def __init__(self, lp):
+        self.lp = lp
+
+    def mm(self, h, name):
+        return linear(h, self.lp[name])
+
+    def vec(self, name):
+        return self.lp[name]
+
+
+class _SwitchedWeights:
+    """Layer ``i`` (traced) of per-layer buffers: each matmul is a ``lax.switch`` over the
+    layers whose branch j multiplies by layer j's buffer, read in place (a dynamic slice of a
+    stacked array would be copied)."""
+
+    def __init__(self, layers, i, vecs):
+        self.layers, self.i, self.vecs = layers, i, vecs
+
+    def mm(self, h, name):
+        ws = tuple(lp[name] for lp in self.layers)
+        branches = [lambda h, ws, j=j: linear(h, ws[j]) for j in range(len(ws))]
+        return jax.lax.switch(self.i, branches, h, ws)
+
+    def vec(self, name):
+        return self.vecs[name][self.i]
+
+
+def _llama_flatten(model):
+    p = model.params
+    unstacked = isinstance(p, Mapping) and isinstance(p.get("layers"), LayerStack) \
+        and p["layers"].layers is not None
+    if unstacked:
+        p = {**p, "layers": p["layers"].layers}  # a tuple of per-layer dicts
+    return ((jax.tree_util.GetAttrKey("params"), p),), (model.config, unstacked)
+
+
+def _llama_unflatten(aux, children):
+    config, unstacked = aux
+    (p,) = children
+    if unstacked:  # per-layer leaves (arrays, tracers or placeholders) stay per layer
+        p = {**p, "layers": LayerStack(p["layers"])}
+    obj = object.__new__(Llama)  # no __post_init__: leaves may be tracers or placeholders
+    object.__setattr__(obj, "params", p)
+    object.__setattr__(obj, "config", config)
+    return obj
+
+
+jax.tree_util.register_pytree_with_keys(Llama, _llama_flatten, _llama_unflatten)
 
 
 @functools.partial(jax.jit, static_argnums=(1,))
-def _cast_params(params, dtype):
-    return jax.tree_util.tree_map(lambda a: a.astype(dtype), params)
+def _cast_leaves(leaves, dtype):
+    return [a.astype(dtype) for a in leaves]
 
 
 @functools.partial(jax.jit, static_argnums=(1, 2))
