@@ -34,8 +34,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import (ROPE_LAYOUTS, apply_rope, attention, linear, parse_dtype, prefix_buckets,
-                      rms_norm, rope_angles)
+from ._common import (ROPE_LAYOUTS, QuantizedWeight, apply_rope, attention, linear, parse_dtype,
+                      prefix_buckets, quantize_int8, rms_norm, rope_angles)
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "LayerStack", "llama_param_shapes"]
 
@@ -153,17 +153,18 @@ class LayerStack(Mapping):
     def from_stacked(cls, stacked: Mapping) -> "LayerStack":
         """Splits stacked ``{name: [L, ...]}`` arrays (NumPy or JAX) into per-layer JAX arrays;
         keeps them stacked when they are not all concrete arrays with a common leading axis."""
-        vals = list(stacked.values())
+        vals = jax.tree_util.tree_leaves(dict(stacked))
         n = {np.shape(a)[0] if _is_concrete_array(a) and np.ndim(a) >= 1 else None for a in vals}
         if len(n) != 1 or None in n or not vals:
             return cls(stacked=stacked)
         n = n.pop()
-        return cls({k: jnp.asarray(a[i]) for k, a in stacked.items()} for i in range(n))
+        return cls(jax.tree_util.tree_map(lambda a: jnp.asarray(a[i]), dict(stacked))
+                   for i in range(n))
 
     def __getitem__(self, key):
         if self._stacked is not None:
             return self._stacked[key]
-        return jnp.stack([lp[key] for lp in self.layers])
+        return jax.tree_util.tree_map(lambda *a: jnp.stack(a), *[lp[key] for lp in self.layers])
 
     def __iter__(self):
         return iter(self._stacked if self._stacked is not None else self.layers[0])
@@ -266,9 +267,41 @@ class Llama:
 
     @property
     def dtype(self):
+        """The compute dtype: the float weights' dtype (float32 for an int8 model)."""
         return self.params["embed"].dtype
 
+    @property
+    def weight_format(self) -> str:
+        """"int8" for an int8 weight-only model (see :meth:`quantize`), else the dtype name."""
+        if isinstance(self.params["embed"], QuantizedWeight):
+            return "int8"
+        return jnp.dtype(self.dtype).name
+
+    def quantize(self, fmt: str = "int8") -> "Llama":
+        """An int8 weight-only copy: every matrix (the 7 per layer, the embedding / tied head,
+        a separate LM head) becomes a :class:`~jaxdecode.models._common.QuantizedWeight`
+        (int8, output-major, one float32 scale per output channel; the embedding per token
+        row); norms stay float32 and activations, KV cache and logits are float32. Needs a
+        float32 model with per-layer storage (any concrete model)."""
+        if fmt != "int8":
+            raise ValueError(f"quantize: only 'int8' is supported, got {fmt!r}")
+        if self.weight_format != "float32":
+            raise ValueError(f"quantize: needs a float32 model, got {self.weight_format}")
+        layers = self.params["layers"]
+        if not (isinstance(layers, LayerStack) and layers.layers is not None):
+            raise ValueError("quantize: needs concrete params (per-layer storage)")
+        q = jax.jit(quantize_int8)
+        qt = jax.jit(functools.partial(quantize_int8, transposed=True))
+        new_layers = LayerStack({k: (v if "norm" in k else q(v)) for k, v in lp.items()}
+                                for lp in layers.layers)
+        p = {**self.params, "layers": new_layers, "embed": qt(self.params["embed"])}
+        if "lm_head" in p:
+            p["lm_head"] = q(p["lm_head"])
+        return Llama(p, self.config)
+
     def astype(self, dtype) -> "Llama":
+        if self.weight_format == "int8":
+            raise ValueError("astype: an int8 model cannot be cast; load or quantize another")
         leaves, treedef = jax.tree_util.tree_flatten(self)
         return jax.tree_util.tree_unflatten(treedef, _cast_leaves(leaves, parse_dtype(dtype)))
 
@@ -314,16 +347,24 @@ class Llama:
 
     # ------------------------------------------------------------------ implementation
     def _embed(self, tokens):
-        return jnp.take(self.params["embed"], tokens, axis=0, mode="clip")
+        e = self.params["embed"]
+        if isinstance(e, QuantizedWeight):
+            q = jnp.take(e.q, tokens, axis=0, mode="clip").astype(jnp.float32)
+            return q * jnp.take(e.scale, tokens, axis=0, mode="clip")[..., None]
+        return jnp.take(e, tokens, axis=0, mode="clip")
 
     def _head(self, x):
         p, cfg = self.params, self.config
         h = rms_norm(x, p["norm"], cfg.norm_eps)
         if cfg.tie_embeddings:
             w = p["embed"]
+            if isinstance(w, QuantizedWeight):  # [V, D]: already output-major
+                return linear(h, w)
             return jnp.einsum("btd,vd->btv", h.astype(w.dtype), w,
                               preferred_element_type=jnp.float32)
         w = p["lm_head"]
+        if isinstance(w, QuantizedWeight):
+            return linear(h, w)
         return jnp.einsum("btd,dv->btv", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
 
     def _qkv(self, lw, x, cos, sin):

@@ -61,12 +61,24 @@ def load(name_or_path=None, *, dtype=jnp.float32):
       * a folder: a Hugging Face checkpoint (``config.json`` + safetensors), via
         ``jaxdecode.models._hf.load_hf_checkpoint``.
 
-    ``dtype``: ``jnp.float32`` / ``jnp.bfloat16`` or "float32" / "bfloat16".
+    ``dtype``: ``jnp.float32`` / ``jnp.bfloat16`` or "float32" / "bfloat16", or ``"int8"``:
+    int8 weight-only (Llama models): loaded in float32, then ``model.quantize("int8")``: every
+    matrix stored as int8 with one float32 scale per output channel, dequantized inside the
+    computation; activations, KV cache and logits stay float32.
     """
+    if isinstance(dtype, str) and dtype.strip().lower() == "int8":
+        model, tok = load(name_or_path, dtype=jnp.float32) if _is_default(name_or_path) \
+            else _load_path(name_or_path, jnp.float32)
+        if not hasattr(model, "quantize"):
+            raise ValueError(f'dtype="int8" is supported for Llama models, not {type(model).__name__}')
+        if not _is_default(name_or_path):
+            return model.quantize("int8"), tok
+        with _cache_lock:
+            if "int8" not in _default_cache:
+                _default_cache["int8"] = (model.quantize("int8"), tok)
+            return _default_cache["int8"]
     dt = parse_dtype(dtype)
-    if name_or_path is None or (isinstance(name_or_path, str)
-                                and name_or_path.lower() in ("default", "smollm2")
-                                and not os.path.exists(name_or_path)):
+    if _is_default(name_or_path):
         key = jnp.dtype(dt).name
         with _cache_lock:
             if key not in _default_cache:
@@ -74,6 +86,16 @@ def load(name_or_path=None, *, dtype=jnp.float32):
 
                 _default_cache[key] = load_gguf(default_model_path(), dtype=dt)
             return _default_cache[key]
+    return _load_path(name_or_path, dt)
+
+
+def _is_default(name_or_path) -> bool:
+    return name_or_path is None or (isinstance(name_or_path, str)
+                                    and name_or_path.lower() in ("default", "smollm2")
+                                    and not os.path.exists(name_or_path))
+
+
+def _load_path(name_or_path, dt):
     path = os.path.expanduser(os.fspath(name_or_path))
     if os.path.isdir(path):
         from ._hf import load_hf_checkpoint
