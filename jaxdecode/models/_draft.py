@@ -35,5 +35,10 @@ def first_layers(model: M, n_layers: int) -> M:
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= total:
         raise ValueError(f"first_layers: `n_layers` must be an int in [1, {total}] (the model's layer count), got {n_layers!r}.")
     params = dict(model.params)
-    params["layers"] = jax.tree.map(lambda x: x[:n_layers], model.params["layers"])
+    layers = model.params["layers"]
+    per_layer = getattr(layers, "layers", None)
+    if per_layer is not None:  # a Llama LayerStack of per-layer buffers: keep them as they are
+        params["layers"] = type(layers)(per_layer[:n_layers])
+    else:
+        params["layers"] = jax.tree.map(lambda x: x[:n_layers], dict(layers))
     return type(model)(params, dataclasses.replace(config, n_layers=n_layers))

@@ -1,0 +1,31 @@
+"""models.first_layers: the draft equals a model built from the first blocks' params."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdecode.models import GPT2, GPT2Config, Llama, LlamaConfig, first_layers
+
+
+def test_llama_first_layers_equals_truncated_params():
+    cfg = LlamaConfig(vocab_size=32, dim=16, n_layers=4, n_heads=2, n_kv_heads=1)
+    target = Llama.init(jax.random.key(0), cfg)
+    draft = first_layers(target, 2)
+    stacked = {k: v[:2] for k, v in dict(target.params["layers"]).items()}
+    params = dict(target.params, layers=stacked)
+    manual = Llama.from_params(params, dataclasses.replace(cfg, n_layers=2))
+    x = jnp.array([[1, 2, 3, 4]])
+    np.testing.assert_allclose(draft(x), manual(x), rtol=1e-6, atol=1e-6)
+    assert not np.allclose(draft(x), target(x))
+
+
+def test_gpt2_first_layers_and_errors():
+    g = GPT2.init(jax.random.key(0), GPT2Config(vocab_size=32, max_seq_len=16, dim=16, n_layers=3, n_heads=2))
+    assert first_layers(g, 1)(jnp.array([[1, 2]])).shape == (1, 2, 32)
+    with pytest.raises(ValueError, match="n_layers"):
+        first_layers(g, 4)
+    with pytest.raises(TypeError, match="Llama or GPT2"):
+        first_layers(lambda t: t, 1)
