@@ -18,9 +18,18 @@ of the Q/K projection columns: ``"half"`` (Hugging Face checkpoints: dims i and 
 together) and ``"interleaved"`` (GGUF files: llama.cpp's converter permutes Q/K so that dims 2i
 and 2i+1 rotate together).
 
+Storage (derived layout): a concrete model keeps ``params["layers"]`` as a :class:`LayerStack`,
+one buffer per layer, because XLA:CPU copies each layer's matrices out of stacked arrays inside
+a compiled step (about half of the decode time). ``params["layers"]`` still reads, and flattens
+as part of ``model.params``, in the stacked layout above; the model itself flattens to the
+per-layer arrays (``jit`` / ``generate`` trace those) and runs the layers in a Python loop.
+Traced or placeholder stacked params run with a ``lax.scan`` over layers.
+
 Numerics: weights, activations between ops and the KV cache are in the weights' dtype (float32
 or bfloat16); matmuls accumulate in float32; norms, attention scores and softmax are float32;
-logits are float32.
+logits are float32. ``Llama.quantize("int8")`` (or ``models.load(dtype="int8")``) stores the
+matrices as int8 with per-output-channel float32 scales (``QuantizedWeight``); everything else
+is float32.
 """
 
 from __future__ import annotations
