@@ -27,7 +27,6 @@ def main(plot_path: str | None = "temperature-plot.png", num_draws: int = 1000) 
     out: dict = {}
 
     # 1. Greedy decoding: the most likely next token.
-    probas = jax.nn.softmax(NEXT_TOKEN_LOGITS)
     next_id = int(jaxdecode.greedy(NEXT_TOKEN_LOGITS))
     out["greedy"] = INVERSE_VOCAB[next_id]
     print("greedy next token:", out["greedy"])

@@ -2,7 +2,6 @@
 quantizer's round-trip bound, logits close to float32 on a tiny random Llama (full forward and
 the KV-cached step), and the default model's int8 greedy continuation."""
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

@@ -8,7 +8,7 @@ RMSNorm statistics, attention scores and the softmax are float32.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -194,3 +194,31 @@ def prefix_buckets(max_length: int, smallest: int = 128) -> tuple[int, ...]:
         sizes.append(b)
         b *= 2
     return tuple(sizes) + (max_length,)
+
+
+def checked_params(expected: Mapping, params: Mapping, dtype, what: str) -> dict:
+    """``params`` as a dict of JAX arrays after checking its keys and every shape against
+    ``expected`` (a nested dict of shapes); ``dtype`` (if not None) casts every array.
+
+    Errors name the model (``what``), the key path, and the expected and actual shapes.
+    """
+
+    def build(exp, got, prefix):
+        if not isinstance(got, Mapping):
+            raise ValueError(f"{what} params{prefix}: expected a dict, got {type(got).__name__}")
+        missing = sorted(set(exp) - set(got))
+        extra = sorted(set(got) - set(exp))
+        if missing or extra:
+            raise ValueError(f"{what} params{prefix}: missing keys {missing}, unexpected keys {extra}")
+        out = {}
+        for name, shape in exp.items():
+            if isinstance(shape, dict):
+                out[name] = build(shape, got[name], f"{prefix}[{name!r}]")
+                continue
+            leaf = got[name]
+            if tuple(leaf.shape) != tuple(shape):
+                raise ValueError(f"{what} param{prefix}[{name!r}] has shape {tuple(leaf.shape)}, expected {tuple(shape)}")
+            out[name] = jnp.asarray(leaf, dtype=dtype)
+        return out
+
+    return build(expected, params, "")

@@ -33,6 +33,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ._common import checked_params
+
 __all__ = ["GPT2Config", "GPT2"]
 
 _ACTIVATIONS = ("gelu_tanh", "gelu")
@@ -209,27 +211,7 @@ class GPT2:
         dtype = None if dtype is None else _parse_dtype(dtype)
         expected = _param_shapes(config)
 
-        def build(exp, got, prefix):
-            if not isinstance(got, Mapping):
-                raise ValueError(f"GPT-2 params{prefix}: expected a dict, got {type(got).__name__}")
-            missing = sorted(set(exp) - set(got))
-            extra = sorted(set(got) - set(exp))
-            if missing or extra:
-                raise ValueError(f"GPT-2 params{prefix}: missing keys {missing}, "
-                                 f"unexpected keys {extra}")
-            out = {}
-            for name, shape in exp.items():
-                if isinstance(shape, dict):
-                    out[name] = build(shape, got[name], f"{prefix}[{name!r}]")
-                    continue
-                leaf = got[name]
-                if tuple(leaf.shape) != tuple(shape):
-                    raise ValueError(f"GPT-2 param{prefix}[{name!r}] has shape "
-                                     f"{tuple(leaf.shape)}, expected {tuple(shape)}")
-                out[name] = jnp.asarray(leaf, dtype=dtype)
-            return out
-
-        return cls(build(expected, params, ""), config)
+        return cls(checked_params(expected, params, dtype, "GPT-2"), config)
 
     @property
     def dtype(self):

@@ -43,7 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import (ROPE_LAYOUTS, QuantizedWeight, apply_rope, attention, linear, parse_dtype,
+from ._common import (ROPE_LAYOUTS, QuantizedWeight, apply_rope, attention, checked_params, linear, parse_dtype,
                       prefix_buckets, quantize_int8, rms_norm, rope_angles)
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "LayerStack", "llama_param_shapes"]
@@ -252,27 +252,7 @@ class Llama:
         dtype = None if dtype is None else parse_dtype(dtype)
         expected = llama_param_shapes(config)
 
-        def build(exp, got, prefix):
-            if not isinstance(got, Mapping):
-                raise ValueError(f"Llama params{prefix}: expected a dict, got {type(got).__name__}")
-            missing = sorted(set(exp) - set(got))
-            extra = sorted(set(got) - set(exp))
-            if missing or extra:
-                raise ValueError(f"Llama params{prefix}: missing keys {missing}, "
-                                 f"unexpected keys {extra}")
-            out = {}
-            for name, shape in exp.items():
-                if isinstance(shape, dict):
-                    out[name] = build(shape, got[name], f"{prefix}[{name!r}]")
-                    continue
-                leaf = got[name]
-                if tuple(leaf.shape) != tuple(shape):
-                    raise ValueError(f"Llama param{prefix}[{name!r}] has shape "
-                                     f"{tuple(leaf.shape)}, expected {tuple(shape)}")
-                out[name] = jnp.asarray(leaf, dtype=dtype)
-            return out
-
-        return cls(build(expected, params, ""), config)
+        return cls(checked_params(expected, params, dtype, "Llama"), config)
 
     @property
     def dtype(self):
