@@ -137,10 +137,17 @@ def chain(*processors: LogitsProcessor) -> LogitsProcessor:
     return LogitsProcessor(init, update)
 
 
-def _row_knob(value: jax.Array, logits: jax.Array) -> jax.Array:
-    """A scalar or [B] knob as [B, 1] against [B, V] logits."""
+def _row_knob(value: jax.Array, logits: jax.Array, name: str = "knob") -> jax.Array:
+    """A scalar or [B] knob as [B, 1] against [B, V] logits (shape checked at trace time)."""
     value = jnp.asarray(value, jnp.float32)
-    return value.reshape(value.shape + (1,) * (logits.ndim - value.ndim)) if value.ndim else value
+    if value.ndim == 0:
+        return value
+    if value.shape != logits.shape[: value.ndim] or value.ndim >= logits.ndim:
+        raise ValueError(
+            f"jaxdecode: `{name}` has shape {tuple(value.shape)}; expected a scalar or one value per row, "
+            f"shape {tuple(logits.shape[:-1])}, for logits of shape {tuple(logits.shape)}."
+        )
+    return value.reshape(value.shape + (1,) * (logits.ndim - value.ndim))
 
 
 # -- functional forms -----------------------------------------------------------------
@@ -149,15 +156,15 @@ def _row_knob(value: jax.Array, logits: jax.Array) -> jax.Array:
 def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty: Any) -> jax.Array:
     """CTRL / Hugging Face repetition penalty on the tokens in ``seen`` (bool [B, V]):
     positive logits are divided by ``penalty``, negative ones multiplied (1 is off)."""
-    pen = _row_knob(penalty, logits)
+    pen = _row_knob(penalty, logits, "repetition_penalty")
     logits = logits.astype(jnp.float32)
     return jnp.where(seen, jnp.where(logits > 0, logits / pen, logits * pen), logits)
 
 
 def apply_frequency_presence_penalty(logits: jax.Array, counts: jax.Array, frequency: Any, presence: Any) -> jax.Array:
     """OpenAI semantics: ``logit - frequency * count - presence * [count > 0]``."""
-    f = _row_knob(frequency, logits)
-    p = _row_knob(presence, logits)
+    f = _row_knob(frequency, logits, "frequency_penalty")
+    p = _row_knob(presence, logits, "presence_penalty")
     counts = counts.astype(jnp.float32)
     return logits.astype(jnp.float32) - f * counts - p * (counts > 0)
 
