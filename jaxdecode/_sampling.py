@@ -244,12 +244,18 @@ def _bisect_mass(keys: jax.Array, w: jax.Array, target: jax.Array) -> jax.Array:
     return _largest_threshold(keys, lambda mask: _masked_sum(mask, w) >= target)
 
 
-def _full_keep(l: jax.Array, knobs: SamplingKnobs) -> jax.Array:
-    """Exact kept set over the whole vocabulary (l: float32 [N, V], tempered, sanitized)."""
-    keys = _sortable(l)
+def _weights(l: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(m, w)``: each row's max ``[..., 1]`` (0 for a row with no finite logit) and the
+    unnormalised probabilities ``exp(l - m)`` in float32."""
     m = jnp.max(l, axis=-1, keepdims=True)
     m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.exp(l - m)
+    return m, jnp.exp(l - m)
+
+
+def _full_keep(l: jax.Array, knobs: SamplingKnobs, w: jax.Array) -> jax.Array:
+    """Exact kept set over the whole vocabulary (l: float32 [N, V], tempered, sanitized;
+    w: its ``_weights``)."""
+    keys = _sortable(l)
     keep = keys >= _top_k_threshold(keys, knobs.top_k)[..., None]
     wk = jnp.where(keep, w, 0.0)
     keep &= keys >= _top_p_threshold(keys, wk, knobs.top_p)[..., None]
@@ -259,10 +265,8 @@ def _full_keep(l: jax.Array, knobs: SamplingKnobs) -> jax.Array:
 
 
 def _full_draw(u: jax.Array, l: jax.Array, knobs: SamplingKnobs) -> tuple[jax.Array, jax.Array]:
-    keep = _full_keep(l, knobs)
-    m = jnp.max(l, axis=-1, keepdims=True)
-    m = jnp.where(jnp.isfinite(m), m, 0.0)
-    w = jnp.where(keep, jnp.exp(l - m), 0.0)
+    m, w = _weights(l)
+    w = jnp.where(_full_keep(l, knobs, w), w, 0.0)
     idx = _inverse_cdf(u, w)
     logz = jnp.log(jnp.sum(w, axis=-1))
     chosen = jnp.take_along_axis(l, idx[..., None], axis=-1)[..., 0]
@@ -380,10 +384,9 @@ def probs(logits: jax.Array, knobs: SamplingKnobs) -> jax.Array:
     vocab = logits.shape[-1]
     knobs = _clip_knobs(knobs, vocab)
     l = _scale(logits, knobs.temperature)
-    m = jnp.max(l, axis=-1, keepdims=True)
-    empty = ~(m > -jnp.inf)
-    keep = _full_keep(l, knobs)
-    w = jnp.where(keep, jnp.exp(l - jnp.where(empty, 0.0, m)), 0.0)
+    empty = ~(jnp.max(l, axis=-1, keepdims=True) > -jnp.inf)
+    _, w = _weights(l)
+    w = jnp.where(_full_keep(l, knobs, w), w, 0.0)
     p = w / jnp.sum(w, axis=-1, keepdims=True)
     top = _argmax(l)
     onehot = jax.nn.one_hot(jnp.where(empty[..., 0], 0, top), vocab, dtype=jnp.float32)
@@ -584,8 +587,7 @@ def top_p_filter(logits: jax.Array, p: Any) -> jax.Array:
 @jax.jit
 def _top_p_filter(logits, p):
     l = _sanitize(logits)
-    m = jnp.max(l, axis=-1, keepdims=True)
-    w = jnp.exp(l - jnp.where(jnp.isfinite(m), m, 0.0))
+    _, w = _weights(l)
     keys = _sortable(l)
     keep = keys >= _top_p_threshold(keys, w, jnp.clip(p, 0.0, 1.0))[..., None]
     return jnp.where(keep, l, -jnp.inf)
@@ -607,8 +609,7 @@ def min_p_filter(logits: jax.Array, p: Any) -> jax.Array:
 @jax.jit
 def _min_p_filter(logits, p):
     l = _sanitize(logits)
-    m = jnp.max(l, axis=-1, keepdims=True)
-    w = jnp.exp(l - jnp.where(jnp.isfinite(m), m, 0.0))
+    _, w = _weights(l)
     return jnp.where(w >= jnp.clip(p, 0.0, 1.0)[..., None], l, -jnp.inf)
 
 
