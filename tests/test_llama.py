@@ -116,6 +116,40 @@ def test_prefill_logits_equal_forward_and_cache_contents():
     assert float(jnp.abs(cache.k[:, :, :, :10]).min(axis=-1).max()) > 0.0
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_equals_step_at_the_last_positions(dtype):
+    """``prefill`` (fresh cache, positions 0..P-1, logits only at each row's last position)
+    equals ``step``'s logits there and writes the same cache slots; P = 300 spans two causal
+    attention blocks."""
+    model, _ = make("interleaved", seed=20)
+    model = model.astype(dtype)
+    P, S = 300, 320
+    tokens = jnp.asarray(np.random.default_rng(21).integers(0, 50, size=(2, P)), jnp.int32)
+    last = jnp.asarray([P - 1, 123], jnp.int32)
+    ref, ref_cache = model.step(tokens, jnp.broadcast_to(jnp.arange(P), (2, P)), model.init_cache(2, S))
+    got, cache = model.prefill(tokens, model.init_cache(2, S), last)
+    tol = 1e-4 if dtype == "float32" else 3e-2
+    assert_close(got, ref[jnp.arange(2), last], tol)
+    assert_close(cache.k.astype(jnp.float32), ref_cache.k.astype(jnp.float32), tol)
+    assert_close(cache.v.astype(jnp.float32), ref_cache.v.astype(jnp.float32), tol)
+    assert float(jnp.abs(cache.k[:, :, :, P:].astype(jnp.float32)).max()) == 0.0
+    with pytest.raises(ValueError, match="Llama.prefill: the prompt has 300 tokens but the cache holds 16"):
+        model.prefill(tokens, model.init_cache(2, 16), last)
+
+
+def test_causal_attention_blocks_equal_masked_attention():
+    from jaxdecode.models._common import attention, causal_attention
+    rng = np.random.default_rng(22)
+    q = jnp.asarray(rng.normal(size=(2, 50, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.normal(size=(2, 50, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.normal(size=(2, 50, 2, 8)), jnp.float32)
+    mask = jnp.tril(jnp.ones((50, 50), bool))[None]
+    ref = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
+    for block in (7, 16, 50, 64):
+        np.testing.assert_allclose(np.asarray(causal_attention(q, k, v, block=block)),
+                                   np.asarray(ref), rtol=1e-5, atol=1e-6)
+
+
 def test_ragged_right_padded_batch_matches_each_prompt_alone():
     model, _ = make("interleaved", tie=True, seed=10)
     rng = np.random.default_rng(11)

@@ -43,8 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ._common import (ROPE_LAYOUTS, QuantizedWeight, apply_rope, attention, checked_params, linear, parse_dtype,
-                      prefix_buckets, quantize_int8, rms_norm, rope_angles)
+from ._common import (ROPE_LAYOUTS, QuantizedWeight, apply_rope, attention, causal_attention, checked_params,
+                      linear, matmul, parse_dtype, prefix_buckets, quantize_int8, rms_norm, rope_angles, smoothing)
 
 __all__ = ["LlamaConfig", "Llama", "KVCache", "LayerStack", "llama_param_shapes"]
 
@@ -266,12 +266,22 @@ class Llama:
             return "int8"
         return jnp.dtype(self.dtype).name
 
-    def quantize(self, fmt: str = "int8") -> "Llama":
-        """An int8 weight-only copy: every matrix (the 7 per layer, the embedding / tied head,
-        a separate LM head) becomes a :class:`~jaxdecode.models._common.QuantizedWeight`
+    def quantize(self, fmt: str = "int8", calibration=None) -> "Llama":
+        """An int8 copy for int8 x int8 matmuls: every matrix (the 7 per layer, the embedding /
+        tied head, a separate LM head) becomes a :class:`~jaxdecode.models._common.QuantizedWeight`
         (int8, output-major, one float32 scale per output channel; the embedding per token
-        row); norms stay float32 and activations, KV cache and logits are float32. Needs a
-        float32 model with per-layer storage (any concrete model)."""
+        row), and each matmul quantizes its input activations to int8 per token (see
+        :func:`~jaxdecode.models._common.qlinear`). Norms, attention, the KV cache and logits
+        stay float32. Needs a float32 model with per-layer storage (any concrete model).
+
+        Args:
+          fmt: ``"int8"``.
+          calibration: optional int32 ``[B, T]`` tokens of representative text. The float32
+            model is run on them once to find each matmul input's per-channel range, and that
+            range is balanced between activations and weights (SmoothQuant, alpha 0.5), which
+            cuts the int8 error about in half. ``models.load(dtype="int8")`` passes a fixed
+            built-in text. Without it no smoothing is applied.
+        """
         if fmt != "int8":
             raise ValueError(f"quantize: only 'int8' is supported, got {fmt!r}")
         if self.weight_format != "float32":
@@ -279,13 +289,26 @@ class Llama:
         layers = self.params["layers"]
         if not (isinstance(layers, LayerStack) and layers.layers is not None):
             raise ValueError("quantize: needs concrete params (per-layer storage)")
-        q = jax.jit(quantize_int8)
-        qt = jax.jit(functools.partial(quantize_int8, transposed=True))
-        new_layers = LayerStack({k: (v if "norm" in k else q(v)) for k, v in lp.items()}
-                                for lp in layers.layers)
-        p = {**self.params, "layers": new_layers, "embed": qt(self.params["embed"])}
+        if calibration is None:
+            absmax = [dict.fromkeys(lp, None) for lp in layers.layers], None
+        else:
+            tokens = jnp.asarray(calibration, jnp.int32)
+            if tokens.ndim != 2 or tokens.shape[1] == 0:
+                raise ValueError(f"quantize: calibration must be int32 tokens [B, T], got shape "
+                                 f"{tuple(tokens.shape)}")
+            absmax = _calibration_absmax(self, jnp.clip(tokens, 0, self.config.vocab_size - 1))
+
+        def q(w, a, transposed=False):
+            s = None if a is None else smoothing(a, w, transposed=transposed)
+            return quantize_int8(w, transposed=transposed, smooth=s)
+
+        new_layers = LayerStack({k: (v if "norm" in k else q(v, seen[k])) for k, v in lp.items()}
+                                for lp, seen in zip(layers.layers, absmax[0]))
+        tied = self.config.tie_embeddings
+        p = {**self.params, "layers": new_layers,
+             "embed": q(self.params["embed"], absmax[1] if tied else None, transposed=True)}
         if "lm_head" in p:
-            p["lm_head"] = q(p["lm_head"])
+            p["lm_head"] = q(p["lm_head"], absmax[1])
         return Llama(p, self.config)
 
     def astype(self, dtype) -> "Llama":
@@ -334,27 +357,40 @@ class Llama:
         return _step_jit(self, jnp.asarray(tokens, jnp.int32),
                          jnp.asarray(positions, jnp.int32), cache)
 
+    def prefill(self, tokens, cache: KVCache, last_index):
+        """The prompt pass of decoding: ``step(tokens, positions=0..P-1, cache)`` for a cache
+        with nothing before slot P, returning only the logits at ``last_index``.
+
+        Args:
+          tokens: int32[B, P], right-padded prompts (pad slots are written to the cache and
+            never attended before they are overwritten, as with ``step``).
+          cache: a ``KVCache`` from ``init_cache`` with at least P slots.
+          last_index: int32[B], each row's last prompt position (``prompt_lengths - 1``).
+
+        Returns:
+          ``(logits float32[B, V], new_cache)``: equal to ``step``'s logits at ``last_index``
+          (up to float rounding) and the same cache slots 0..P-1.
+        """
+        P, S = tokens.shape[1], cache.k.shape[3]
+        if P > S:
+            raise ValueError(f"Llama.prefill: the prompt has {P} tokens but the cache holds {S} slots")
+        return _prefill_jit(self, jnp.asarray(tokens, jnp.int32), cache,
+                            jnp.asarray(last_index, jnp.int32))
+
     # ------------------------------------------------------------------ implementation
     def _embed(self, tokens):
         e = self.params["embed"]
         if isinstance(e, QuantizedWeight):
             q = jnp.take(e.q, tokens, axis=0, mode="clip").astype(jnp.float32)
-            return q * jnp.take(e.scale, tokens, axis=0, mode="clip")[..., None]
+            return q * jnp.take(e.scale, tokens, axis=0, mode="clip")[..., None] * e.inv
         return jnp.take(e, tokens, axis=0, mode="clip")
 
     def _head(self, x):
         p, cfg = self.params, self.config
         h = rms_norm(x, p["norm"], cfg.norm_eps)
         if cfg.tie_embeddings:
-            w = p["embed"]
-            if isinstance(w, QuantizedWeight):  # [V, D]: already output-major
-                return linear(h, w)
-            return jnp.einsum("btd,vd->btv", h.astype(w.dtype), w,
-                              preferred_element_type=jnp.float32)
-        w = p["lm_head"]
-        if isinstance(w, QuantizedWeight):
-            return linear(h, w)
-        return jnp.einsum("btd,dv->btv", h.astype(w.dtype), w, preferred_element_type=jnp.float32)
+            return matmul(h, p["embed"], transposed=True)  # [V, D]: output-major
+        return matmul(h, p["lm_head"])
 
     def _qkv(self, lw, x, cos, sin):
         cfg = self.config
@@ -403,15 +439,40 @@ class Llama:
         positions = jnp.arange(T, dtype=jnp.int32)
         cos, sin = rope_angles(positions, cfg.head_dim, cfg.rope_theta,
                                cfg.rope_freq_factors)  # [T, hd/2]
-        mask = jnp.tril(jnp.ones((T, T), bool))[None]
         x = self._embed(tokens)
 
         def layer(x, lw, i):
             q, k, v = self._qkv(lw, x, cos, sin)
-            attn = attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), mask)
-            return self._finish(lw, x, attn)
+            return self._finish(lw, x, causal_attention(q, k, v))
 
         return self._head(self._layer_loop(layer, x))
+
+    def _prefill(self, tokens, cache, last):
+        """``step`` at positions ``0..P-1`` of a fresh cache, with logits only at ``last``.
+
+        Knowing that the positions start at 0 lets the prompt attend to its own keys (causal,
+        in blocks that skip the upper triangle) instead of the whole cache, write the cache with
+        one contiguous update per layer instead of a scatter, and run the LM head on one
+        position per row instead of all P (a fifth of a 1024-token prefill's FLOPs)."""
+        cfg = self.config
+        B, P = tokens.shape
+        cos, sin = rope_angles(jnp.arange(P, dtype=jnp.int32), cfg.head_dim, cfg.rope_theta,
+                               cfg.rope_freq_factors)  # [P, hd/2]
+        x = self._embed(tokens)
+
+        def write(c, i, new):  # new: [B, P, KV, hd] -> slots 0..P-1 of layer i
+            upd = new.astype(c.dtype).transpose(0, 2, 1, 3)[None]
+            return jax.lax.dynamic_update_slice(c, upd, (i, 0, 0, 0, 0))
+
+        def layer(carry, lw, i):
+            x, kc, vc = carry
+            q, k, v = self._qkv(lw, x, cos, sin)
+            kc, vc = write(kc, i, k), write(vc, i, v)
+            return self._finish(lw, x, causal_attention(q, k, v)), kc, vc
+
+        x, kc, vc = self._layer_loop(layer, (x, *cache))
+        h = jnp.take_along_axis(x, jnp.asarray(last, jnp.int32)[:, None, None], axis=1)  # [B, 1, D]
+        return self._head(h)[:, 0], KVCache(kc, vc)
 
     def _step(self, tokens, positions, cache):
         x, cache = self._step_hidden(tokens, positions, cache)
@@ -494,6 +555,35 @@ class _Weights:
         return self.lp[name]
 
 
+class _RecordingWeights(_Weights):
+    """Layer weights that note each matmul input's per-channel ``max |x|`` (for calibration)."""
+
+    def __init__(self, lp):
+        super().__init__(lp)
+        self.seen = dict.fromkeys(lp, None)
+
+    def mm(self, h, name):
+        self.seen[name] = jnp.max(jnp.abs(h.astype(jnp.float32)).reshape(-1, h.shape[-1]), axis=0)
+        return super().mm(h, name)
+
+
+@jax.jit
+def _calibration_absmax(model: "Llama", tokens):
+    """Per layer ``{matrix name: max |input| per channel}`` and the LM head input's, from the
+    float32 forward pass over ``tokens``."""
+    cfg, p = model.config, model.params
+    cos, sin = rope_angles(jnp.arange(tokens.shape[1], dtype=jnp.int32), cfg.head_dim,
+                           cfg.rope_theta, cfg.rope_freq_factors)
+    x, seen = model._embed(tokens), []
+    for lp in p["layers"].layers:
+        lw = _RecordingWeights(lp)
+        q, k, v = model._qkv(lw, x, cos, sin)
+        x = model._finish(lw, x, causal_attention(q, k, v))
+        seen.append(lw.seen)
+    h = rms_norm(x, p["norm"], cfg.norm_eps).astype(jnp.float32)
+    return seen, jnp.max(jnp.abs(h).reshape(-1, h.shape[-1]), axis=0)
+
+
 class _SwitchedWeights:
     """Layer ``i`` (traced) of per-layer buffers: each matmul is a ``lax.switch`` over the
     layers whose branch j multiplies by layer j's buffer, read in place (a dynamic slice of a
@@ -560,4 +650,5 @@ def _init_params(key, config: LlamaConfig, dtype):
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
 _forward_jit = jax.jit(lambda model, tokens: model._forward(tokens))
+_prefill_jit = jax.jit(lambda model, tokens, cache, last: model._prefill(tokens, cache, last))
 _step_jit = jax.jit(lambda model, tokens, positions, cache: model._step(tokens, positions, cache))

@@ -51,6 +51,25 @@ def default_model_path() -> str:
                             f"reinstall it with:\n    {DEFAULT_MODEL_INSTALL}")
 
 
+# Text for int8 calibration (the per-channel activation ranges SmoothQuant balances): a little
+# of everything a chat model sees, prose, dialogue, a list, code and numbers. Written for this
+# project; deliberately not the perplexity benchmark's text.
+CALIBRATION_TEXT = (
+    "The library opens at nine in the morning and closes at six, except on Sundays. "
+    "\"Could you help me find a book about rivers?\" she asked. \"Of course,\" said the librarian, "
+    "\"the geography shelves are on the second floor.\"\n"
+    "Steps to bake bread: 1. Mix 500 g of flour with 10 g of salt. 2. Add 350 ml of warm water "
+    "and 7 g of yeast. 3. Knead for ten minutes, then let it rise for an hour.\n"
+    "def mean(xs):\n    return sum(xs) / len(xs)\n\nprint(mean([3, 1, 4, 1, 5]))  # 2.8\n"
+    "User: What is the capital of France?\nAssistant: The capital of France is Paris.\n"
+    "In 1969, two astronauts walked on the Moon while a third orbited above them."
+)
+
+
+def _quantize(model, tok):
+    return model.quantize("int8", calibration=[tok.encode(CALIBRATION_TEXT)])
+
+
 def load(name_or_path=None, *, dtype=jnp.float32):
     """Loads a model and its tokenizer: ``(model, tokenizer)``.
 
@@ -61,10 +80,11 @@ def load(name_or_path=None, *, dtype=jnp.float32):
       * a folder: a Hugging Face checkpoint (``config.json`` + safetensors), via
         ``jaxdecode.models._hf.load_hf_checkpoint``.
 
-    ``dtype``: ``jnp.float32`` / ``jnp.bfloat16`` or "float32" / "bfloat16", or ``"int8"``:
-    int8 weight-only (Llama models): loaded in float32, then ``model.quantize("int8")``: every
-    matrix stored as int8 with one float32 scale per output channel, dequantized inside the
-    computation; activations, KV cache and logits stay float32.
+    ``dtype``: ``jnp.float32`` / ``jnp.bfloat16`` or "float32" / "bfloat16", or ``"int8"``
+    (Llama models): loaded in float32, then ``model.quantize("int8", calibration=...)`` on the
+    built-in :data:`CALIBRATION_TEXT`: every matrix int8 with one float32 scale per output
+    channel, and each matmul's input activations quantized to int8 per token inside the
+    computation (int8 x int8 -> int32 dots); attention, the KV cache and logits stay float32.
     """
     if isinstance(dtype, str) and dtype.strip().lower() == "int8":
         model, tok = load(name_or_path, dtype=jnp.float32) if _is_default(name_or_path) \
@@ -72,10 +92,10 @@ def load(name_or_path=None, *, dtype=jnp.float32):
         if not hasattr(model, "quantize"):
             raise ValueError(f'dtype="int8" is supported for Llama models, not {type(model).__name__}')
         if not _is_default(name_or_path):
-            return model.quantize("int8"), tok
+            return _quantize(model, tok), tok
         with _cache_lock:
             if "int8" not in _default_cache:
-                _default_cache["int8"] = (model.quantize("int8"), tok)
+                _default_cache["int8"] = (_quantize(model, tok), tok)
             return _default_cache["int8"]
     dt = parse_dtype(dtype)
     if _is_default(name_or_path):
