@@ -22,7 +22,7 @@ Storage (derived layout): a concrete model keeps ``params["layers"]`` as a :clas
 one buffer per layer, because XLA:CPU copies each layer's matrices out of stacked arrays inside
 a compiled step (about half of the decode time). ``params["layers"]`` still reads, and flattens
 as part of ``model.params``, in the stacked layout above; the model itself flattens to the
-per-layer arrays (``jit`` / ``generate`` trace those) and runs the layers in a Python loop.
+per-layer arrays (``jit`` / ``generate`` trace those) and runs the layers as a ``lax.scan`` whose matmuls switch over the per-layer buffers.
 Traced or placeholder stacked params run with a ``lax.scan`` over layers.
 
 Numerics: weights, activations between ops and the KV cache are in the weights' dtype (float32
@@ -412,26 +412,22 @@ class Llama:
         return x + lw.mm(jax.nn.silu(g) * u, "w_down")
 
     def _layer_loop(self, body, carry):
-        """``carry = body(carry, lw, i)`` for each layer i, where ``lw`` gives layer i's weights
-        (``lw.mm(h, name)``, ``lw.vec(name)``). Per-layer storage (LayerStack): a Python loop
-        (``LAYER_LOOP = "unroll"``) or a ``lax.scan`` whose matmuls are ``lax.switch``es over the
-        per-layer buffers (``"switch"``); both read the weights in place. Stacked params: a
-        ``lax.scan`` over the stacked arrays."""
+        """``carry = body(carry, lw, i)`` for each layer i, as one ``lax.scan`` over the layers,
+        where ``lw`` gives layer i's weights (``lw.mm(h, name)``, ``lw.vec(name)``).
+
+        Per-layer storage (LayerStack): each matmul is a ``lax.switch`` over the per-layer
+        buffers, read in place. It decodes as fast as a Python loop over the layers and
+        compiles in less than half the time (one layer body instead of 30). Stacked params
+        (tracers, placeholders): a scan over the stacked arrays."""
         layers = self.params["layers"]
+        idx = jnp.arange(self.config.n_layers, dtype=jnp.int32)
         if isinstance(layers, LayerStack) and layers.layers is not None:
-            if LAYER_LOOP == "unroll":
-                for i, lp in enumerate(layers.layers):
-                    carry = body(carry, _Weights(lp), i)
-                return carry
             vecs = {k: jnp.stack([lp[k] for lp in layers.layers])
                     for k in layers.layers[0] if "norm" in k}
             step = lambda c, i: (body(c, _SwitchedWeights(layers.layers, i, vecs), i), None)  # noqa: E731
-        else:
-            step = lambda c, xs: (body(c, _Weights(xs[0]), xs[1]), None)  # noqa: E731
-        idx = jnp.arange(self.config.n_layers, dtype=jnp.int32)
-        xs = idx if isinstance(layers, LayerStack) and layers.layers is not None \
-            else (dict(layers), idx)
-        return jax.lax.scan(step, carry, xs)[0]
+            return jax.lax.scan(step, carry, idx)[0]
+        step = lambda c, xs: (body(c, _Weights(xs[0]), xs[1]), None)  # noqa: E731
+        return jax.lax.scan(step, carry, (dict(layers), idx))[0]
 
     def _forward(self, tokens):
         cfg = self.config
@@ -537,9 +533,6 @@ class Llama:
 
         x, kc, vc = self._layer_loop(layer, (x, ck, cv))
         return x, KVCache(kc, vc)
-
-
-LAYER_LOOP = "unroll"  # how per-layer weights are looped over: "unroll" or "switch"
 
 
 class _Weights:
