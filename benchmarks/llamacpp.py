@@ -32,6 +32,7 @@ class LlamaCpp:
     def __init__(self, bin_dir: str, models_dir: str):
         self.bin_dir = bin_dir
         self.models_dir = models_dir
+        self.repack = True  # llama.cpp's default; see check_repack
 
     @classmethod
     def find(cls, bin_dir: str | None, models_dir: str | None) -> tuple["LlamaCpp | None", str]:
@@ -67,11 +68,30 @@ class LlamaCpp:
             out[fmt] = path
         return out
 
-    def bench(self, fmt: str, *, n_prompt: int = 0, n_gen: int = 0, timeout: float = 600) -> dict:
+    def check_repack(self, fmt: str = "Q8_0") -> str:
+        """Checks that llama.cpp's default weight repacking works on this machine with a short
+        prompt run. On a CPU that reports AMX but whose kernel / VM does not enable the AMX tile
+        state, the repacked (AMX) path dies (SIGILL / SIGSEGV in libggml-cpu); then all runs use
+        ``--repack 0`` (llama-bench) / ``--no-repack`` (llama-perplexity), llama.cpp's own
+        AVX-512 / AVX2 kernels. Returns a note ("" when the default works)."""
+        try:
+            self.bench(fmt, n_prompt=32, extra=["--no-warmup"])
+            return ""
+        except ToolFailed as e:
+            if e.returncode >= 0:
+                raise
+            self.repack = False
+            self.bench(fmt, n_prompt=32, extra=["--no-warmup"])  # must work now
+            return (f"llama.cpp's default weight repacking (AMX) crashes on this machine (llama-bench "
+                    f"{fmt} -p 32 died with signal {-e.returncode}): every llama.cpp run uses --repack 0 / "
+                    "--no-repack (its AVX-512/AVX2 kernels)")
+
+    def bench(self, fmt: str, *, n_prompt: int = 0, n_gen: int = 0, timeout: float = 600,
+              extra: list = ()) -> dict:
         """One ``llama-bench -m FILE -p n_prompt -n n_gen -r 1 -o json`` invocation: its
         tokens/s (``avg_ts``), seconds, threads and the process's peak RSS (MiB)."""
         cmd = [self.exe("llama-bench"), "-m", self.model_file(fmt), "-p", str(n_prompt), "-n", str(n_gen),
-               "-r", "1", "-o", "json"]
+               "-r", "1", "-o", "json", *([] if self.repack else ["--repack", "0"]), *extra]
         stdout, rss_mb = _run_with_rss(cmd, timeout)
         (row,) = json.loads(stdout)
         return {"tokens_per_s": float(row["avg_ts"]), "seconds": float(row["avg_ns"]) / 1e9,
@@ -86,6 +106,8 @@ class LlamaCpp:
         cmd = [self.exe("llama-perplexity"), "-m", self.model_file(fmt), "-f", text_file, "-c", str(n_ctx)]
         if chunks:
             cmd += ["--chunks", str(chunks)]
+        if not self.repack:
+            cmd.append("--no-repack")
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
         text = proc.stdout + proc.stderr
         m = re.search(r"Final estimate: PPL = ([0-9.]+) \+/- ([0-9.]+)", text)
@@ -94,6 +116,14 @@ class LlamaCpp:
         chunks_seen = re.search(r"calculating perplexity over (\d+) chunks", text)
         return {"ppl": float(m.group(1)), "ppl_err": float(m.group(2)), "command": " ".join(cmd),
                 "chunks": int(chunks_seen.group(1)) if chunks_seen else None}
+
+
+class ToolFailed(RuntimeError):
+    """A llama.cpp binary exited with an error (``returncode`` < 0: killed by that signal)."""
+
+    def __init__(self, cmd: list, returncode: int, stderr: str):
+        super().__init__(f"{os.path.basename(cmd[0])} failed ({returncode}): {stderr.strip()[-300:]}")
+        self.returncode = returncode
 
 
 def _run_with_rss(cmd: list, timeout: float) -> tuple[str, float]:
@@ -110,7 +140,7 @@ def _run_with_rss(cmd: list, timeout: float) -> tuple[str, float]:
         out.seek(0)
         err.seek(0)
         if proc.returncode != 0:
-            raise RuntimeError(f"{os.path.basename(cmd[0])} failed ({proc.returncode}): {err.read()[-400:]}")
+            raise ToolFailed(cmd, proc.returncode, err.read())
         return out.read(), usage.ru_maxrss / 1024.0
 
 

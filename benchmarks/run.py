@@ -473,6 +473,10 @@ def run_figures(ctx: Ctx, names: list) -> dict:
     per_figure = {}
     if ctx.llama is not None and any(n in names for n in ("decode", "prefill", "perplexity")):
         ctx.results["llama_files"] = ctx.llama.prepare(ctx.model_path())
+        note = ctx.llama.check_repack()
+        if note:
+            ctx.note(note)
+        ctx.results["llama_repack"] = ctx.llama.repack
     for name in names:
         la = loadavg()
         log(f"== {name}: {DESCRIPTIONS[name]} (load average {la})")
