@@ -84,7 +84,8 @@ class Worker:
         self.log_path = log_path
         self._log = open(log_path, "w")
         self.proc = subprocess.Popen([python, "-m", module], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=self._log, env=env, cwd=_ROOT, text=True, bufsize=1)
+                                     stderr=self._log, env=env, cwd=_ROOT, text=True, bufsize=1,
+                                     start_new_session=True)  # no terminal: never stopped by SIGTTIN/SIGTTOU
 
     def call(self, op: str, timeout: float = 1800, **args) -> dict:
         """Sends one request and waits for its answer; raises RuntimeError on an error answer,
