@@ -263,6 +263,7 @@ def interleave(ctx: Ctx, runners: dict, rounds: int) -> dict:
                 ctx.note(f"{col} dropped from a figure: {e}")
                 runners.pop(col)
                 raw.pop(col)
+        log(f"    round {r + 1}/{rounds}: " + ", ".join(f"{c} {xs[-1]['tokens_per_s']:.3g}" for c, xs in raw.items()))
     return {col: {"seconds": stats([x["seconds"] for x in xs]),
                   "tokens_per_s": stats([x["tokens_per_s"] for x in xs]), "raw": xs}
             for col, xs in raw.items() if xs}
