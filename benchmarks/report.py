@@ -104,7 +104,7 @@ def _cells(doc: dict, columns: list) -> list:
                 lambda c, b=b: _get(pre, b, c, "tokens_per_s"))
             add(f"prefill {pre['prompt_tokens']} tokens, batch {b[1:]}: time to first token (s)",
                 lambda c, b=b: _get(pre, b, c, "seconds"))
-            add(f"prefill batch {b[1:]}: achieved GFLOP/s (% of peak)", lambda c, b=b: _gflops_cell(doc, b, c))
+            add(f"prefill batch {b[1:]}: achieved GFLOP/s (% of the float32 peak)", lambda c, b=b: _gflops_cell(doc, b, c))
     ppl = res.get("perplexity") or {}
     if "by_column" in ppl:
         add(f"perplexity ({ppl['chunks']} x {ppl['n_ctx']} tokens, vs float32 / F32)", lambda c: _ppl_cell(ppl, c))
@@ -256,10 +256,31 @@ def markdown(doc: dict) -> str:
     lines += ["| measure | " + " | ".join(cols) + " |", "| --- |" + " --- |" * len(cols)]
     for r in table["rows"]:
         lines.append(f"| {r['label']} | " + " | ".join(r["cells"].get(c, "") for c in cols) + " |")
-    lines += ["", "## Issue-9 targets (printed, not asserted)", ""] + [f"- {_target_line(t)}" for t in doc["targets"]]
+    quick = " — quick mode: judged on the quick sizes, not the targets' own" if meta["mode"] == "quick" else ""
+    lines += ["", f"## Issue-9 targets (printed, not asserted){quick}", ""]
+    lines += [f"- {_target_line(t)}" for t in doc["targets"]]
+    lines += _other_figures(doc)
     if doc["notes"]:
         lines += ["", "## Notes", ""] + [f"- {n}" for n in doc["notes"]]
     return "\n".join(lines) + "\n"
+
+
+def _other_figures(doc: dict) -> list:
+    """Markdown lines for the sampler, the CLI cache runs and each figure's duration and load."""
+    res, out = doc["results"], ["", "## Other figures", ""]
+    smp = res.get("sampler") or {}
+    if "common_port_ms" in smp:
+        ratio = smp["common_port_ms"]["median"] / smp["jaxdecode_sample_ms"]["median"]
+        out.append(f"- `jaxdecode.sample` at {smp['batch']} x {smp['vocab']} (per-row T 0.8, top-k 50, top-p 0.9): "
+                   f"{fmt_stat(smp['jaxdecode_sample_ms'])} ms; the common JAX port {fmt_stat(smp['common_port_ms'])} "
+                   f"ms ({ratio:.0f}x)")
+    for i, r in enumerate((res.get("cli_cache") or {}).get("runs", [])):
+        t = r.get("timing") or {}
+        out.append(f"- CLI run {i + 1} ({'empty' if i == 0 else 'warm'} persistent cache): wall {r['wall_s']:.2f} s, "
+                   f"first chunk {t.get('first_chunk_s', 'n/a')} s, load {t.get('load_s', 'n/a')} s")
+    for name, f in doc["meta"]["per_figure"].items():
+        out.append(f"- figure `{name}`: {f['seconds']:.0f} s, load average at its start {f['loadavg_start']}")
+    return out
 
 
 def _versions(doc: dict) -> str:
