@@ -27,7 +27,7 @@ SAMPLING = {"temperature": 0.8, "top_k": 50, "top_p": 0.9}
 
 
 def log(msg: str) -> None:
-    """Progress line on stderr-or-stdout of the controller, prefixed by elapsed seconds."""
+    """A progress line on stdout, prefixed by the seconds since this module was imported."""
     print(f"[{time.perf_counter() - _T0:7.1f}s] {msg}", flush=True)
 
 
