@@ -7,7 +7,7 @@ Design (see ``docs/CONTRACTS.md`` for the two model protocols):
   steps on a fixed token buffer (kept in the :class:`jaxdecode.DecodeContext`). The loop
   carry is the small :class:`LoopState`.
 * Shapes a user does not choose are bucketed for KV-cached models: the prompt is right-padded
-  to ``16 * 2**k`` tokens, the decode scan runs ``16 * 2**k`` steps (the steps past
+  to ``16 * 2**k`` tokens, the decode scan runs ``16 * 4**k`` steps (the steps past
   ``max_new_tokens`` skip the sampler and the model with ``lax.cond``) and the cache is sized
   for both (clipped to the model's context); the results are sliced back to the shapes asked
   for. A stream of calls with different prompt lengths and ``max_new_tokens`` then compiles
@@ -54,7 +54,7 @@ _FN_STREAM = "jaxdecode.generate_stream"
 # Buckets (smallest, ratio) for KV-cached models. The prompt bucket costs prefill compute (at
 # most 2x the tokens); the decode-step bucket costs only skipped steps (a cond each).
 PROMPT_BUCKETS = (16, 2)
-STEP_BUCKETS = (16, 2)
+STEP_BUCKETS = (16, 4)
 
 
 # ---------------------------------------------------------------------------------------
@@ -413,7 +413,7 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingP
     vocab = M.vocab_size(fn, model_static, model_arrays, kind, b0, pb, window)
     V.check_at_most(fn, "top_logprobs", num_top, vocab, "the vocabulary size")
     V.check_prompt_ids(fn, prompt, lengths, vocab)
-    pad = V.check_token_id(fn, "pad_id", pad_id, vocab, " (it is fed to the model in padding slots)")
+    pad = V.check_token_id(fn, "pad_id", pad_id, vocab)
     resolved = S.resolve(fn, sampling, b, vocab, M.default_eos_ids(model))
     keys = V.row_keys(fn, key, sampling.temperature, b)
     procs = _check_processors(fn, processors)

@@ -1,7 +1,5 @@
 """Speculative decoding: greedy identical to plain greedy, sampled distribution exact."""
 
-from typing import Any, Callable, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,28 +7,8 @@ import pytest
 from scipy import stats
 
 import jaxdecode
+from fake_models import trigram_model
 from jaxdecode import reference
-
-
-class _Cached(NamedTuple):
-    init_cache: Callable[[int, int], Any]
-    step: Callable
-
-
-def trigram_model(vocab: int, seed: int, scale: float = 2.0):
-    """KV-protocol model: logits depend on the last two tokens; cache = token history."""
-    table = jax.random.normal(jax.random.key(seed), (vocab, vocab, vocab)) * scale
-
-    def init_cache(batch, length):
-        return jnp.zeros((batch, length), jnp.int32)
-
-    def step(tokens, positions, hist):
-        b = tokens.shape[0]
-        hist = hist.at[jnp.arange(b)[:, None], positions].set(tokens)
-        prev = jnp.where(positions > 0, jnp.take_along_axis(hist, jnp.maximum(positions - 1, 0), axis=1), 0)
-        return table[prev, tokens], hist
-
-    return _Cached(init_cache, step), np.asarray(table)
 
 
 def greedy_numpy(table, prompt, n, eos=None):
