@@ -3,12 +3,14 @@
 
 Design (see ``docs/CONTRACTS.md`` for the two model protocols):
 
-* The whole call is one ``jax.jit`` computation: a prefill, then ``lax.scan`` over the decode
-  steps on a fixed token buffer (kept in the :class:`jaxdecode.DecodeContext`). The loop
+* The whole call is one ``jax.jit`` computation: a prefill, then a ``lax.while_loop`` over the
+  decode steps (``generate``; a ``lax.scan`` per chunk in ``generate_stream``) on a fixed token
+  buffer (kept in the :class:`jaxdecode.DecodeContext`). The loop
   carry is the small :class:`LoopState`.
 * Shapes a user does not choose are bucketed for KV-cached models: the prompt is right-padded
-  to ``16 * 2**k`` tokens, the decode scan runs ``16 * 4**k`` steps (the steps past
-  ``max_new_tokens`` skip the sampler and the model with ``lax.cond``) and the cache is sized
+  to ``16 * 2**k`` tokens, the decode buffers hold ``16 * 4**k`` steps (the loop stops at
+  ``max_new_tokens``; a stream's chunks skip the sampler and the model past it with
+  ``lax.cond``) and the cache is sized
   for both (clipped to the model's context); the results are sliced back to the shapes asked
   for. A stream of calls with different prompt lengths and ``max_new_tokens`` then compiles
   once per bucket pair, not once per value. Stateless models are not bucketed: they run the
@@ -308,17 +310,40 @@ def _run_steps(cfg, model, tr, state, steps):
 
 @functools.partial(jax.jit, static_argnums=0)
 def _generate_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, tr: _Traced) -> GenerateOutput:
+    """The whole call. The decode loop is a ``lax.while_loop`` that stops after the real
+    ``max_new_tokens`` steps (the buffers are sized for the step bucket) or as soon as every
+    row is done, so the bucket's extra steps cost nothing; each step's outputs are written
+    into fixed [B, steps] buffers in place (slots never reached keep 0 / ``pad_id``, exactly
+    what a finished row's steps hold)."""
     model = M.merge(cfg.model, model_arrays)
     state = _init(cfg, model, prompt, prompt_lengths, tr)
-    state, ys = _run_steps(cfg, model, tr, state, jnp.arange(cfg.steps, dtype=jnp.int32))
+    b, steps, n_top = cfg.batch, cfg.steps, cfg.num_top
+    zeros = jnp.zeros((b, steps), jnp.float32)
+    top = () if not n_top else (jnp.full((b, steps, n_top), tr.pad_id, jnp.int32),
+                                jnp.zeros((b, steps, n_top), jnp.float32))
+
+    def running(carry):
+        i, state, _ = carry
+        return (i < tr.max_new) & ~jnp.all(state.done)
+
+    def body(carry):
+        i, state, (lps, raws, top) = carry
+        state, out = _step(cfg, model, tr, state, i)
+        lps = lps.at[:, i].set(out.logprobs)
+        raws = raws.at[:, i].set(out.raw_logprobs)
+        if n_top:
+            top = (top[0].at[:, i].set(out.top[0]), top[1].at[:, i].set(out.top[1]))
+        return i + 1, state, (lps, raws, top)
+
+    _, state, (lps, raws, top) = lax.while_loop(running, body, (jnp.int32(0), state, (zeros, zeros, top)))
     return GenerateOutput(
         tokens=state.context.tokens,
         lengths=state.context.lengths,
-        logprobs=ys.logprobs.T,
-        raw_logprobs=ys.raw_logprobs.T,
+        logprobs=lps,
+        raw_logprobs=raws,
         num_generated=state.context.step,
-        top_ids=ys.top[0].transpose(1, 0, 2) if cfg.num_top else None,
-        top_logprobs=ys.top[1].transpose(1, 0, 2) if cfg.num_top else None,
+        top_ids=top[0] if n_top else None,
+        top_logprobs=top[1] if n_top else None,
     )
 
 
@@ -472,14 +497,14 @@ def generate(
 ) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per prompt row, as one compiled computation.
 
-    The call is a single ``jax.jit`` computation: a prefill, then ``lax.scan`` over
-    ``max_new_tokens`` steps on a fixed buffer (for KV-cached models both bucketed, so nearby
-    prompt lengths and ``max_new_tokens`` share one compilation; see the module docstring). Each step applies, in vLLM's order, the
+    The call is a single ``jax.jit`` computation: a prefill, then a ``lax.while_loop`` of up
+    to ``max_new_tokens`` steps on a fixed buffer (for KV-cached models both bucketed, so nearby
+    prompt lengths and ``max_new_tokens`` share one compilation; see the module docstring).
+    Each step applies, in vLLM's order, the
     repetition penalty (over prompt and generated tokens), the frequency/presence penalties
     (over generated tokens), ``logit_bias``, the EOS ban before ``min_new_tokens``, the user
     ``processors``, then draws with temperature / top-k / top-p / min-p / typical-p (exactly,
-    see :func:`jaxdecode.sample`). Once every row has finished, the remaining steps skip the
-    model (``lax.cond``).
+    see :func:`jaxdecode.sample`). The loop stops once every row has finished.
 
     Model protocols (``docs/CONTRACTS.md``), detected by attributes:
 
