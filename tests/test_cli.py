@@ -15,6 +15,24 @@ import jaxdecode
 from jaxdecode import _cli
 
 _MODEL = []
+_CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_compilation_cache(tmp_path, monkeypatch):
+    """The CLI turns on JAX's persistent compilation cache in this process: point it at a
+    private folder (not the user's ~/.cache, which other processes may be writing), and turn
+    it off again afterwards so the rest of the test session does not write every compiled
+    program to disk."""
+    from jax._src import compilation_cache
+
+    monkeypatch.setenv("JAXDECODE_CACHE_DIR", str(tmp_path / "xla"))
+    saved = {name: getattr(jax.config, name) for name in _CACHE_FLAGS}
+    yield
+    for name, value in saved.items():
+        jax.config.update(name, value)
+    compilation_cache.reset_cache()
 
 
 def _default_model():
