@@ -19,16 +19,15 @@ def main(max_new_tokens: int = 16) -> dict:
     ids = tok.encode("every effort moves you")
     print("prompt ids:", ids)
 
-    out = jaxdecode.generate(model, jnp.array([ids]), max_new_tokens, temperature=0.0, eos_id=tok.eos_ids)
+    # The model declares its EOS ids (model.config.eos_ids), so generate stops at them by default.
+    out = jaxdecode.generate(model, jnp.array([ids]), max_new_tokens, temperature=0.0)
     greedy = tok.decode(out.tokens[0, len(ids) : int(out.lengths[0])].tolist())
     print("greedy:", repr(greedy))
 
     chat = tok.apply_chat_template([{"role": "user", "content": "What is JAX?"}], add_generation_prompt=True)
     chat_ids = tok.encode(chat)
-    out = jaxdecode.generate(
-        model, jnp.array([chat_ids]), max_new_tokens, key=jax.random.key(0),
-        temperature=0.7, top_p=0.9, repetition_penalty=1.1, eos_id=tok.eos_ids,
-    )
+    sampling = jaxdecode.SamplingParams(temperature=0.7, top_p=0.9, repetition_penalty=1.1)
+    out = jaxdecode.generate(model, jnp.array([chat_ids]), max_new_tokens, key=jax.random.key(0), sampling=sampling)
     answer = tok.decode(out.tokens[0, len(chat_ids) : int(out.lengths[0])].tolist(), skip_special_tokens=True)
     print("chat:", repr(answer))
     return {"greedy": greedy, "chat": answer}

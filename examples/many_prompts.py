@@ -33,7 +33,7 @@ def main(max_new_tokens: int = 12) -> list[str]:
     lengths = jnp.array([len(row) for row in ids])
     keys = jax.random.split(jax.random.key(0), len(PROMPTS))
 
-    settings = dict(
+    sampling = jaxdecode.SamplingParams(  # one value per row; EOS: the model's own ids
         temperature=jnp.array([0.0, 0.7, 0.3, 1.0]),  # row 0 is greedy
         top_k=jnp.array([0, 50, 20, 0]),
         top_p=jnp.array([1.0, 0.9, 0.95, 0.8]),
@@ -42,10 +42,10 @@ def main(max_new_tokens: int = 12) -> list[str]:
     texts = []
     for attempt in range(2):
         t = time.perf_counter()
-        out = jaxdecode.generate(model, prompt, max_new_tokens, key=keys, prompt_lengths=lengths, eos_id=tok.eos_ids, **settings)
+        out = jaxdecode.generate(model, prompt, max_new_tokens, key=keys, prompt_lengths=lengths, sampling=sampling)
         out.tokens.block_until_ready()
         print(f"call {attempt + 1}: {time.perf_counter() - t:.2f} s")
-        settings["temperature"] = settings["temperature"] * 0.9  # new values, same program
+        sampling = sampling.replace(temperature=sampling.temperature * 0.9)  # new values, same program
     for i, p in enumerate(PROMPTS):
         text = tok.decode(out.tokens[i, len(ids[i]) : int(out.lengths[i])].tolist(), skip_special_tokens=True)
         print(f"[{i}] {p!r} -> {text!r}  (mean logprob {float(np.mean(out.logprobs[i, : int(out.num_generated[i])])):.2f})")

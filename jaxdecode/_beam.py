@@ -18,21 +18,22 @@ Semantics follow Hugging Face's ``num_beams`` search:
   once every prompt is done).
 
 The model's cache, any pytree, is reordered by beam each step along each leaf's batch axis
-(found from ``init_cache``'s shapes, see :mod:`jaxdecode._cache`).
+(found from ``init_cache``'s shapes, see :mod:`jaxdecode._model`).
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 
-from . import _cache
+from . import _model as M
+from . import _settings as S
 from . import _validate as V
-from ._modeljit import model_jit
+from ._settings import UNSET, SamplingParams
 
 
 class BeamSearchOutput(NamedTuple):
@@ -150,7 +151,7 @@ def _beam_step(state: BeamState, i, *, model, axes, eos, k, n, alpha, prompt_len
     live = _gather(extended, pick)
     live_beam = jnp.take_along_axis(beam, pick, axis=1)
     rows = (jnp.arange(b)[:, None] * k + live_beam).reshape(-1)
-    cache = _cache.take_rows(state.cache, axes, rows)
+    cache = M.take_rows(state.cache, axes, rows)
     new_tok = jnp.take_along_axis(tok, pick, axis=1).reshape(b * k, 1)
 
     # Done: k finished and no live beam can beat the worst of them (exact bound).
@@ -202,7 +203,8 @@ def beam_search(
     *,
     num_beams: int,
     length_penalty: float = 1.0,
-    eos_id: int | list[int] | None = None,
+    sampling: SamplingParams | None = None,
+    eos_id: int | list[int] | None = UNSET,
     num_return_sequences: int = 1,
     prompt_lengths: Any = None,
     pad_id: int = 0,
@@ -218,10 +220,14 @@ def beam_search(
       max_new_tokens: N >= 1, static.
       num_beams: K >= 1, static. ``num_beams=1`` is greedy decoding.
       length_penalty: exponent on the generated length in the score (traced).
-      eos_id: one id or a list; None means hypotheses only end at max_new_tokens.
+      sampling: a :class:`jaxdecode.SamplingParams`; beam search reads its ``eos_id`` only
+        (it is deterministic: the other fields must stay at their defaults).
+      eos_id: one id or a list (shorthand for ``sampling=SamplingParams(eos_id=...)``).
+        Default: the model's ``config.eos_ids`` when declared, else none; ``()`` means
+        hypotheses only end at max_new_tokens.
       num_return_sequences: R in [1, K], static.
       prompt_lengths: int[B] real prompt lengths (default P).
-      pad_id: value in unused slots.
+      pad_id: value in unused slots, a token id in [0, V).
       top_logprobs: n >= 0, static: also return the n most likely tokens and their
         log-probabilities at each step of each hypothesis (as the OpenAI API's
         ``top_logprobs``).
@@ -240,57 +246,56 @@ def beam_search(
       [0, 1, 0]
     """
     fn = "jaxdecode.beam_search"
-    prompt, prompt_lengths, eos = _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_sequences, prompt_lengths, eos_id, pad_id)
-    model = _cache.as_cached(model)
+    sp = S.from_keywords(fn, sampling, eos_id=eos_id)
+    S.check_supported(fn, sp, ("eos_id",), "by beam search (it is deterministic)")
+    n = V.check_count(fn, "max_new_tokens", max_new_tokens, 1)
+    k = V.check_count(fn, "num_beams", num_beams, 1)
+    r = V.check_count(fn, "num_return_sequences", num_return_sequences, 1)
+    V.check_at_most(fn, "num_return_sequences", r, k, "num_beams")
+    num_top = V.check_count(fn, "top_logprobs", top_logprobs, 0, "0 means off")
     V.check_knob(fn, "length_penalty", length_penalty, allowed="a finite number")
-    if isinstance(top_logprobs, bool) or not isinstance(top_logprobs, (int, np.integer)) or top_logprobs < 0:
-        raise ValueError(f"{fn}: `top_logprobs` must be an int >= 0, got {top_logprobs!r}.")
-    return _beam_search_jit(
-        model, prompt, prompt_lengths, eos, jnp.asarray(length_penalty, jnp.float32), jnp.int32(pad_id),
-        max_new_tokens=int(max_new_tokens), num_beams=int(num_beams), num_return=int(num_return_sequences),
-        num_top=int(top_logprobs),
-    )
+    prompt = V.check_prompt(fn, prompt)
+    b, p = prompt.shape
+    prompt_lengths = V.check_prompt_lengths(fn, prompt_lengths, b, p)
+    M.model_kind(fn, model)
+    V.check_context(fn, p, n, M.context_limit(model), "model.config.max_seq_len")
+    cached = M.as_cached(model)
+    static, arrays = M.split(cached)
+    vocab = M.vocab_size(fn, static, arrays, "cached", b, p, p + n)
+    V.check_at_most(fn, "top_logprobs", num_top, vocab, "the vocabulary size")
+    V.check_prompt_ids(fn, prompt, prompt_lengths, vocab)
+    pad = V.check_token_id(fn, "pad_id", pad_id, vocab)
+    eos = S.eos_ids(fn, sp, vocab, M.default_eos_ids(model))
+    eos = jnp.full((1,), -1, jnp.int32) if eos is None else eos  # -1 matches no token
+    cfg = _BeamConfig(static, n, k, r, num_top)
+    return _beam_search_jit(cfg, arrays, prompt, prompt_lengths, eos, jnp.asarray(length_penalty, jnp.float32),
+                            jnp.int32(pad))
 
 
-def _check_inputs(fn, model, prompt, max_new_tokens, num_beams, num_return_sequences, prompt_lengths, eos_id, pad_id):
-    """Shared eager checks of beam search and speculative decoding (generate's helpers)."""
-    from ._generate import _as_int, _check_prompt, _check_prompt_lengths
-
-    if not (hasattr(model, "init_cache") and hasattr(model, "step")) and not callable(model):
-        raise TypeError(
-            f"{fn}: `model` must be a KV-cached model (init_cache(batch_size, max_length) and "
-            f"step(tokens, positions, cache)) or a stateless callable model(tokens) -> logits; "
-            f"got {type(model).__name__}."
-        )
-    for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams), ("num_return_sequences", num_return_sequences)):
-        if _as_int(fn, name, value, "an int >= 1") < 1:
-            raise ValueError(f"{fn}: `{name}` must be >= 1, got {value}.")
-    if num_return_sequences > num_beams:
-        raise ValueError(f"{fn}: `num_return_sequences` ({num_return_sequences}) must be <= num_beams ({num_beams}).")
-    _as_int(fn, "pad_id", pad_id, "a token id")
-    prompt = _check_prompt(fn, prompt)
-    prompt_lengths = _check_prompt_lengths(fn, prompt_lengths, *prompt.shape)
-    ids = [] if eos_id is None else np.atleast_1d(np.asarray(eos_id)).reshape(-1).tolist()
-    if any(isinstance(e, bool) or not isinstance(e, int) or e < 0 for e in ids):
-        raise ValueError(f"{fn}: `eos_id` must be a non-negative token id or a list of them, got {eos_id!r}.")
-    return prompt, prompt_lengths, jnp.asarray(ids if ids else [-1], jnp.int32)
+class _BeamConfig(NamedTuple):
+    model: Any  # _model.split static part of the (cached) model
+    max_new_tokens: int
+    num_beams: int
+    num_return: int
+    num_top: int
 
 
-def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_new_tokens, num_beams, num_return, num_top):
+@functools.partial(jax.jit, static_argnums=0)
+def _beam_search_jit(cfg: _BeamConfig, arrays, prompt, prompt_lengths, eos, alpha, pad_id):
+    model = M.merge(cfg.model, arrays)
+    max_new_tokens, num_beams, num_return, num_top = cfg.max_new_tokens, cfg.num_beams, cfg.num_return, cfg.num_top
     b, p = prompt.shape
     k, n = num_beams, max_new_tokens
     total = p + n
-    axes = _cache.cache_batch_axes(model.init_cache, total)
+    axes = M.cache_batch_axes(model.init_cache, total)
 
     # One prefill per prompt, then the cache is broadcast to the beams.
     cache = model.init_cache(b, total)
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    logits, cache = model.step(prompt, positions, cache)
-    if logits.ndim != 3 or logits.shape[:2] != (b, p):
-        raise ValueError(f"jaxdecode.beam_search: model.step returned logits of shape {logits.shape}; expected [B, T, V] = [{b}, {p}, V].")
+    logits, cache = M.cached_step("jaxdecode.beam_search", model, prompt, positions, cache, "step (prefill)")
     last = jnp.take_along_axis(logits, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0].astype(jnp.float32)
     rows = jnp.repeat(jnp.arange(b), k)
-    cache = _cache.take_rows(cache, axes, rows)
+    cache = M.take_rows(cache, axes, rows)
     buf = jnp.full((b, total), pad_id, jnp.int32).at[:, :p].set(jnp.where(jnp.arange(p) < prompt_lengths[:, None], prompt, pad_id))
     live_logp = jnp.where(jnp.arange(k) == 0, 0.0, -jnp.inf) * jnp.ones((b, 1))
     trace = {"tokens": jnp.broadcast_to(buf[:, None], (b, k, total)), "logprobs": jnp.zeros((b, k, n), jnp.float32)}
@@ -313,5 +318,3 @@ def _beam_search_impl(model, prompt, prompt_lengths, eos, alpha, pad_id, *, max_
     state, _ = lax.scan(step, state, jnp.arange(n))
     return _finalize(state, k=k, r=num_return, n=n, alpha=alpha, prompt_lengths=prompt_lengths, pad_id=pad_id)
 
-
-_beam_search_jit = model_jit(_beam_search_impl, model_argnums=(0,), static_argnames=("max_new_tokens", "num_beams", "num_return", "num_top"))

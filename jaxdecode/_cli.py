@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 import time
 from typing import Sequence
@@ -43,19 +42,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--chunk-size", type=int, default=8, help="tokens per streamed chunk (default 8)")
     return p
-
-
-def _enable_compilation_cache() -> None:
-    import jax
-
-    path = os.environ.get("JAXDECODE_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "jaxdecode", "xla")
-    try:
-        os.makedirs(path, exist_ok=True)
-        jax.config.update("jax_compilation_cache_dir", path)
-        jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-        jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
-    except Exception as e:  # a read-only home must not stop generation
-        print(f"jaxdecode: persistent compilation cache disabled ({e})", file=sys.stderr)
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -86,11 +72,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not prompt:
         parser.error("the prompt is empty")
 
-    _enable_compilation_cache()
+    import jaxdecode
+
+    jaxdecode.enable_compilation_cache()  # $JAXDECODE_CACHE_DIR or ~/.cache/jaxdecode/xla
     import jax
     import jax.numpy as jnp
 
-    import jaxdecode
     from jaxdecode import models
 
     t0 = time.perf_counter()
@@ -126,12 +113,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.max_new_tokens,
         chunk_size=args.chunk_size,
         key=jax.random.key(args.seed),
-        temperature=args.temperature,
-        top_k=args.top_k,
-        top_p=args.top_p,
-        min_p=args.min_p,
-        repetition_penalty=args.repetition_penalty,
-        eos_id=eos,
+        sampling=jaxdecode.SamplingParams(
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            min_p=args.min_p,
+            repetition_penalty=args.repetition_penalty,
+            eos_id=eos if eos else (),
+        ),
         num_samples=n,
     )
     live = not args.json and n == 1

@@ -3,15 +3,23 @@
 
 Design (see ``docs/CONTRACTS.md`` for the two model protocols):
 
-* The whole call is one ``jax.jit`` computation: a prefill, then ``lax.scan`` over
-  ``max_new_tokens`` steps on a fixed token buffer ``[B, P + max_new_tokens]``. The loop carry
-  is the small :class:`LoopState`.
-* Static (a change recompiles): ``max_new_tokens``, every shape (batch, prompt length, vocab),
-  the model's structure (or the model itself when it is not a pytree), ``context_size``, the
-  number of EOS ids, the stop-sequence array shape, whether a logit bias is given, and the
-  user processors. Traced (a change never recompiles): every sampling knob and penalty, the
-  key(s), EOS and stop-sequence ids, ``min_new_tokens``, ``pad_id``, the prompt content,
-  ``prompt_lengths`` and the model's array leaves (its params).
+* The whole call is one ``jax.jit`` computation: a prefill, then a ``lax.while_loop`` over the
+  decode steps (``generate``; a ``lax.scan`` per chunk in ``generate_stream``) on a fixed token
+  buffer (kept in the :class:`jaxdecode.DecodeContext`). The loop
+  carry is the small :class:`LoopState`.
+* Shapes a user does not choose are bucketed for KV-cached models: the prompt is right-padded
+  to ``16 * 2**k`` tokens, the decode buffers hold ``16 * 4**k`` steps (the loop stops at
+  ``max_new_tokens``; a stream's chunks skip the sampler and the model past it with
+  ``lax.cond``) and the cache is sized
+  for both (clipped to the model's context); the results are sliced back to the shapes asked
+  for. A stream of calls with different prompt lengths and ``max_new_tokens`` then compiles
+  once per bucket pair, not once per value. Stateless models are not bucketed: they run the
+  whole window every step, so a longer window would slow every step.
+* Static (a change recompiles): the buckets, every other shape (batch, vocab), the model's
+  structure (or the model itself when it is not a pytree), ``context_size``, what
+  :class:`jaxdecode.SamplingParams` keeps static, and the user processors. Traced: every
+  sampling knob and penalty, the key(s), ``max_new_tokens`` within its bucket, ``pad_id``,
+  the prompt content, ``prompt_lengths`` and the model's array leaves (its params).
 * Each step: repetition penalty (prompt + generated tokens) -> frequency/presence penalties
   (generated tokens) -> logit bias -> EOS ban before ``min_new_tokens`` -> user processors ->
   :func:`jaxdecode._sampling.draw` with one uniform per row, ``uniform(fold_in(row_key, step))``.
@@ -21,48 +29,38 @@ Design (see ``docs/CONTRACTS.md`` for the two model protocols):
 
 from __future__ import annotations
 
-import collections
 import functools
-import operator
-from typing import Any, Callable, Iterator, NamedTuple, Sequence
+from typing import Any, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _cache
+from . import _model as M
+from . import _settings as S
 from . import _validate as V
+from ._compilation import bucket
+from ._model import CachedModel
 from ._processors import DecodeContext, LogitsProcessor, apply_frequency_presence_penalty, apply_repetition_penalty
 from ._processors import chain as _chain
-from ._sampling import SamplingKnobs, draw, make_knobs
+from ._sampling import draw
+from ._settings import UNSET, SamplingParams
+from ._speculative import speculative_generate
 
 __all__ = ["CachedModel", "GenerateOutput", "StreamChunk", "LoopState", "generate", "generate_stream"]
 
 _FN = "jaxdecode.generate"
 _FN_STREAM = "jaxdecode.generate_stream"
 
+# Buckets (smallest, ratio) for KV-cached models. The prompt bucket costs prefill compute (at
+# most 2x the tokens); the decode-step bucket costs only skipped steps (a cond each).
+PROMPT_BUCKETS = (16, 2)
+STEP_BUCKETS = (16, 4)
+
 
 # ---------------------------------------------------------------------------------------
 # Public containers
-
-
-class CachedModel(NamedTuple):
-    """Wraps two plain functions into the KV-cached model protocol.
-
-    Attributes:
-      init_cache: ``init_cache(batch_size: int, max_length: int) -> cache`` (any pytree).
-      step: ``step(tokens int32[B, T], positions int32[B, T], cache) -> (logits [B, T, V], cache)``;
-        causal by position (the query at position p sees cache slots 0..p only).
-
-    The functions are static arguments of the compiled loop (hashed by identity): build the
-    ``CachedModel`` once and reuse it, or every call compiles again. Params captured in the
-    closures are compile-time constants; to swap params without recompiling, use a model
-    object that is a pytree (its array leaves are traced).
-    """
-
-    init_cache: Callable[[int, int], Any]
-    step: Callable[[jax.Array, jax.Array, Any], tuple[jax.Array, Any]]
 
 
 class GenerateOutput(NamedTuple):
@@ -82,6 +80,9 @@ class GenerateOutput(NamedTuple):
         each step under the model's raw log-softmax (as the OpenAI API's ``top_logprobs``),
         best first; ``pad_id`` after the row finished.
       top_logprobs: float32[B, N, n] or None. Their raw log-probabilities (0 after the end).
+      rounds, proposed, accepted: with ``speculative=``, the acceptance statistics of
+        :class:`jaxdecode.SpeculativeOutput` (verification rounds int32[]; draft tokens
+        proposed and accepted per row, int32[B]); None otherwise.
     """
 
     tokens: jax.Array
@@ -91,6 +92,9 @@ class GenerateOutput(NamedTuple):
     num_generated: jax.Array
     top_ids: jax.Array | None = None
     top_logprobs: jax.Array | None = None
+    rounds: jax.Array | None = None
+    proposed: jax.Array | None = None
+    accepted: jax.Array | None = None
 
 
 class StreamChunk(NamedTuple):
@@ -108,24 +112,19 @@ class StreamChunk(NamedTuple):
 
 
 class LoopState(NamedTuple):
-    """The carry of the decode loop (B rows, L = P + N buffer slots, V vocabulary).
+    """The carry of the decode loop (B rows, V vocabulary).
 
     Attributes:
-      tokens: int32[B, L]. Fixed token buffer: row b's real tokens in ``[0, lengths[b])``
-        (prompt, then generated), ``pad_id`` after.
-      lengths: int32[B]. Number of real tokens per row (prompt + generated so far).
       done: bool[B]. The row hit EOS or a stop sequence; it generates nothing more.
       logits: float32[B, V]. The model's raw logits for each row's next token (read at the
         row's last real token).
       cache: the model's KV cache pytree (KV-cached protocol; ``()`` for stateless models).
-      context: :class:`jaxdecode.DecodeContext` — ``token_counts`` int32[B, V] (generated
-        tokens), ``prompt_mask`` bool[B, V] (prompt tokens), ``step`` int32[B] (tokens
-        generated so far per row, i.e. the output's ``num_generated``).
+      context: :class:`jaxdecode.DecodeContext`: the token buffer int32[B, L] and each row's
+        length (prompt, then generated tokens, ``pad_id`` after), token counts, prompt mask,
+        step (tokens generated so far per row, the output's ``num_generated``), previous token.
       proc_state: the user processors' state pytree (``()`` when there are none).
     """
 
-    tokens: jax.Array
-    lengths: jax.Array
     done: jax.Array
     logits: jax.Array
     cache: Any
@@ -133,20 +132,13 @@ class LoopState(NamedTuple):
     proc_state: Any
 
 
-class _Settings(NamedTuple):
-    """Traced per-call settings (B rows, V vocab). Optional fields are None when unused."""
+class _Traced(NamedTuple):
+    """Traced per-call values (B rows)."""
 
     keys: jax.Array  # key[B]: one PRNG key per row
-    knobs: SamplingKnobs  # each [B]
-    repetition_penalty: jax.Array  # float32[B]
-    frequency_penalty: jax.Array  # float32[B]
-    presence_penalty: jax.Array  # float32[B]
-    logit_bias: Any  # float32[V] or [B, V], or None
-    eos_ids: Any  # int32[E], or None
-    min_new_tokens: jax.Array  # int32[B]
-    stop_seqs: Any  # int32[S, M] right-aligned, or None
-    stop_lens: Any  # int32[S], or None
+    sampling: S.Resolved
     pad_id: jax.Array  # int32[]
+    max_new: jax.Array  # int32[]: the real max_new_tokens (the scan may run a longer bucket)
 
 
 class _StepOut(NamedTuple):
@@ -156,106 +148,14 @@ class _StepOut(NamedTuple):
     top: Any  # (int32[B, n], float32[B, n]) with top_logprobs=n, else ()
 
 
-# ---------------------------------------------------------------------------------------
-# Model handling: pytree params are traced, everything else is static
-
-
-class _Static:
-    """A hashable wrapper for a static (non-array) value: by value when hashable, else by id."""
-
-    __slots__ = ("obj", "_hash", "_by_value")
-
-    def __init__(self, obj: Any):
-        self.obj = obj
-        try:
-            self._hash, self._by_value = hash(obj), True
-        except TypeError:
-            self._hash, self._by_value = id(obj), False
-
-    def __hash__(self) -> int:
-        return self._hash
-
-    def __eq__(self, other: Any) -> bool:
-        if not isinstance(other, _Static):
-            return False
-        if self.obj is other.obj:
-            return True
-        if not (self._by_value and other._by_value) or type(self.obj) is not type(other.obj):
-            return False
-        try:
-            return bool(self.obj == other.obj)
-        except Exception:  # e.g. an __eq__ that returns arrays
-            return False
-
-    def __repr__(self) -> str:
-        return f"_Static({self.obj!r})"
-
-
-def _is_array(x: Any) -> bool:
-    return isinstance(x, (jax.Array, np.ndarray, np.generic))
-
-
-def _split_model(model: Any) -> tuple[Any, tuple]:
-    """(static part, array leaves). A non-pytree model is all static."""
-    leaves, treedef = jax.tree_util.tree_flatten(model)
-    if treedef.num_leaves == 1 and leaves[0] is model:
-        return (_Static(None), _Static(model)), ()
-    static = tuple(None if _is_array(l) else _Static(l) for l in leaves)
-    return (_Static(treedef), static), tuple(l for l in leaves if _is_array(l))
-
-
-def _merge_model(static: Any, arrays: Sequence[Any]) -> Any:
-    treedef, rest = static
-    treedef = treedef.obj
-    if treedef is None:
-        return rest.obj
-    it = iter(arrays)
-    leaves = [next(it) if s is None else s.obj for s in rest]
-    return jax.tree_util.tree_unflatten(treedef, leaves)
-
-
-def _model_kind(model: Any, fn: str) -> str:
-    if hasattr(model, "init_cache") and hasattr(model, "step"):
-        return "cached"
-    if callable(model):
-        return "stateless"
-    raise TypeError(
-        f"{fn}: `model` must be callable as model(tokens[B, T]) -> logits[B, T, V] (stateless) or "
-        f"have init_cache(batch_size, max_length) and step(tokens, positions, cache) (KV-cached, "
-        f"see jaxdecode.CachedModel); got {type(model).__name__}."
-    )
-
-
-def _check_logits(logits: Any, batch: int, length: int, what: str, vocab: int | None = None) -> jax.Array:
-    """Checks a model output is [B, T, V] floating point (at trace time)."""
-    shape = tuple(getattr(logits, "shape", ()))
-    v = "V" if vocab is None else str(vocab)
-    if len(shape) != 3 or shape[:2] != (batch, length) or shape[2] < 1 or (vocab is not None and shape[2] != vocab):
-        raise ValueError(
-            f"{_FN}: the model's {what} returned logits of shape {shape}; expected [B, T, V] = "
-            f"[{batch}, {length}, {v}] for tokens of shape ({batch}, {length})."
-        )
-    if not jnp.issubdtype(logits.dtype, jnp.floating):
-        raise TypeError(f"{_FN}: the model's {what} returned logits of dtype {logits.dtype}; expected a float dtype.")
-    return logits
-
-
-def _cached_step(model, tokens, positions, cache, what, vocab=None):
-    out = model.step(tokens, positions, cache)
-    if not (isinstance(out, tuple) and len(out) == 2):
-        raise TypeError(f"{_FN}: the model's {what} must return (logits, cache), got {type(out).__name__}.")
-    logits, cache = out
-    return _check_logits(logits, tokens.shape[0], tokens.shape[1], what, vocab), cache
-
-
 class _Config(NamedTuple):
     """Static configuration of one compiled loop."""
 
-    model: Any  # _split_model's static part
+    model: Any  # _model.split's static part
     kind: str  # "cached" | "stateless"
     batch: int
-    prompt_len: int
-    max_new: int
+    prompt_len: int  # bucketed (cached models)
+    steps: int  # decode steps compiled: max_new_tokens, bucketed (cached models)
     window: int  # stateless: fixed window length; cached: cache length
     vocab: int
     processors: Any  # _Static(tuple of LogitsProcessor) or None
@@ -272,42 +172,34 @@ def _stateless_logits(cfg: _Config, model, tokens, lengths):
     w = cfg.window
     start = jnp.maximum(lengths - w, 0)
     window = jax.vmap(lambda row, s: lax.dynamic_slice(row, (s,), (w,)))(tokens, start)
-    out = _check_logits(model(window), cfg.batch, w, "call model(tokens)", cfg.vocab)
+    out = M.check_logits(_FN, model(window), cfg.batch, w, "call model(tokens)", cfg.vocab)
     idx = (lengths - 1 - start)[:, None, None]
     return jnp.take_along_axis(out, idx, axis=1)[:, 0].astype(jnp.float32)
 
 
-def _init(cfg: _Config, model, prompt, prompt_lengths, settings: _Settings) -> LoopState:
+def _init(cfg: _Config, model, prompt, prompt_lengths, tr: _Traced) -> LoopState:
     """Prefill. With ``num_samples`` > 1 each prompt row is prefilled once and its cache,
     logits and buffer are then repeated for its samples (rows ``r * num_samples + s``)."""
-    p, n, ns = cfg.prompt_len, cfg.max_new, cfg.num_samples
+    p, ns = cfg.prompt_len, cfg.num_samples
     b0 = prompt.shape[0]
-    pad = settings.pad_id
-    slots = jnp.arange(p + n, dtype=jnp.int32)[None, :]
-    buf = jnp.concatenate([prompt.astype(jnp.int32), jnp.zeros((b0, n), jnp.int32)], axis=1)
-    buf = jnp.where(slots < prompt_lengths[:, None], buf, pad)
+    ctx = DecodeContext.from_prompt(prompt, cfg.vocab, prompt_lengths, p + cfg.steps, tr.pad_id)
     rows = jnp.repeat(jnp.arange(b0), ns)
     if cfg.kind == "cached":
         cache = model.init_cache(b0, cfg.window)
         positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b0, p))
-        out, cache = _cached_step(model, buf[:, :p], positions, cache, "step (prefill)", cfg.vocab)
+        out, cache = M.cached_step(_FN, model, ctx.tokens[:, :p], positions, cache, "step (prefill)", cfg.vocab)
         logits = jnp.take_along_axis(out, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
         if ns > 1:
-            cache = _cache.take_rows(cache, _cache.cache_batch_axes(model.init_cache, cfg.window), rows)
-            logits = logits[rows]
+            cache = M.take_rows(cache, M.cache_batch_axes(model.init_cache, cfg.window), rows)
     else:
         cache = ()
-        logits = _stateless_logits(cfg._replace(batch=b0), model, buf, prompt_lengths)
-        logits = logits[rows] if ns > 1 else logits
+        logits = _stateless_logits(cfg._replace(batch=b0), model, ctx.tokens, prompt_lengths)
     if ns > 1:
-        buf, prompt_lengths = buf[rows], prompt_lengths[rows]
-    b = cfg.batch
-    ctx = DecodeContext.from_prompt(buf[:, :p], cfg.vocab, prompt_lengths)
+        logits = logits[rows]
+        ctx = jax.tree.map(lambda x: x[rows], ctx)
     proc_state = () if cfg.processors is None else _processor(cfg).init(ctx)
     return LoopState(
-        tokens=buf,
-        lengths=prompt_lengths,
-        done=jnp.zeros((b,), bool),
+        done=jnp.zeros((cfg.batch,), bool),
         logits=logits.astype(jnp.float32),
         cache=cache,
         context=ctx,
@@ -330,16 +222,16 @@ def _stop_match(tokens, lengths, generated, seqs, seq_lens):
     return jnp.any(jnp.all(eq, axis=-1) & (generated[:, None] >= seq_lens[None, :]), axis=-1)
 
 
-def _process_logits(cfg: _Config, settings: _Settings, raw: jax.Array, ctx: DecodeContext, proc_state):
+def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeContext, proc_state):
     """Penalties, bias, EOS ban and user processors (vLLM order). Returns (logits, proc_state)."""
     seen = ctx.prompt_mask | (ctx.token_counts > 0)
-    l = apply_repetition_penalty(raw, seen, settings.repetition_penalty)
-    l = apply_frequency_presence_penalty(l, ctx.token_counts, settings.frequency_penalty, settings.presence_penalty)
-    if settings.logit_bias is not None:
-        l = l + settings.logit_bias
-    if settings.eos_ids is not None:
-        eos_mask = jnp.zeros((cfg.vocab,), bool).at[settings.eos_ids].set(True, mode="drop")
-        early = (ctx.step < settings.min_new_tokens)[:, None]
+    l = apply_repetition_penalty(raw, seen, sp.repetition_penalty)
+    l = apply_frequency_presence_penalty(l, ctx.token_counts, sp.frequency_penalty, sp.presence_penalty)
+    if sp.logit_bias is not None:
+        l = l + sp.logit_bias
+    if sp.eos_ids is not None:
+        eos_mask = jnp.zeros((cfg.vocab,), bool).at[sp.eos_ids].set(True, mode="drop")
+        early = (ctx.step < sp.min_new_tokens)[:, None]
         l = jnp.where(early & eos_mask[None, :], -jnp.inf, l)
     if cfg.processors is not None:
         l, proc_state = _processor(cfg).update(l, proc_state, ctx)
@@ -347,22 +239,22 @@ def _process_logits(cfg: _Config, settings: _Settings, raw: jax.Array, ctx: Deco
     return l, proc_state
 
 
-def _step(cfg: _Config, model, settings: _Settings, state: LoopState, i: jax.Array):
+def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
     """One decode step (global step index ``i``): draw, write, mark finished, next logits.
 
-    Two ``lax.cond`` skip the work once every row is done (or past ``max_new_tokens`` in a
-    stream's last chunk): one around the sampler, one around the model call. Neither wraps
-    the KV cache together with the rest of the step: a cond that does makes XLA copy the
-    whole cache every step.
+    Two ``lax.cond`` skip the work once every row is done or past ``max_new_tokens`` (the
+    step bucket, a stream's last chunk): one around the sampler, one around the model call.
+    Neither wraps the KV cache together with the rest of the step: a cond that does makes XLA
+    copy the whole cache every step.
     """
-    b, n = cfg.batch, cfg.max_new
+    b, n, sp = cfg.batch, tr.max_new, tr.sampling
     idle = jnp.all(state.done) | (i >= n)
 
     def sample(operand):
         raw, ctx, proc_state = operand
-        logits, proc_state = _process_logits(cfg, settings, raw, ctx, proc_state)
-        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(settings.keys)
-        ids, lp = draw(u, logits, settings.knobs)
+        logits, proc_state = _process_logits(cfg, sp, raw, ctx, proc_state)
+        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(tr.keys)
+        ids, lp = draw(u, logits, sp.knobs)
         raw_all = jax.nn.log_softmax(raw, axis=-1)
         raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
         top = ()
@@ -382,22 +274,18 @@ def _step(cfg: _Config, model, settings: _Settings, state: LoopState, i: jax.Arr
         idle, no_sample, sample, (state.logits, state.context, state.proc_state))
     active = ~state.done & (i < n)
 
-    rows = jnp.arange(b)
-    slot = jnp.where(active, state.lengths, state.tokens.shape[1])  # out of range: dropped
-    tokens = state.tokens.at[rows, slot].set(ids, mode="drop")
-    lengths = state.lengths + active.astype(jnp.int32)
     ctx = state.context.advance(ids, active)
     hit = jnp.zeros((b,), bool)
-    if settings.eos_ids is not None:
-        hit |= jnp.any(ids[:, None] == settings.eos_ids[None, :], axis=-1)
-    if settings.stop_seqs is not None:
-        hit |= _stop_match(tokens, lengths, ctx.step, settings.stop_seqs, settings.stop_lens)
+    if sp.eos_ids is not None:
+        hit |= jnp.any(ids[:, None] == sp.eos_ids[None, :], axis=-1)
+    if sp.stop_seqs is not None:
+        hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, sp.stop_seqs, sp.stop_lens)
     done = state.done | (active & hit)
 
     def run_model(operand):
         tokens, lengths, ids, cache, _ = operand
         if cfg.kind == "cached":
-            out, cache = _cached_step(model, ids[:, None], (lengths - 1)[:, None], cache, "step (decode)", cfg.vocab)
+            out, cache = M.cached_step(_FN, model, ids[:, None], (lengths - 1)[:, None], cache, "step (decode)", cfg.vocab)
             return out[:, 0].astype(jnp.float32), cache
         return _stateless_logits(cfg, model, tokens, lengths), cache
 
@@ -405,47 +293,70 @@ def _step(cfg: _Config, model, settings: _Settings, state: LoopState, i: jax.Arr
         return operand[4], operand[3]
 
     need = ~jnp.all(done) & (i < n - 1)
-    next_logits, cache = lax.cond(need, run_model, skip_model, (tokens, lengths, ids, state.cache, state.logits))
-    new = LoopState(tokens, lengths, done, next_logits, cache, ctx, proc_state)
+    next_logits, cache = lax.cond(need, run_model, skip_model, (ctx.tokens, ctx.lengths, ids, state.cache, state.logits))
+    new = LoopState(done, next_logits, cache, ctx, proc_state)
     out = _StepOut(
-        jnp.where(active, ids, settings.pad_id).astype(jnp.int32),
+        jnp.where(active, ids, tr.pad_id).astype(jnp.int32),
         jnp.where(active, lp, 0.0).astype(jnp.float32),
         jnp.where(active, raw_lp, 0.0).astype(jnp.float32),
-        () if not top else (jnp.where(active[:, None], top[0], settings.pad_id), jnp.where(active[:, None], top[1], 0.0)),
+        () if not top else (jnp.where(active[:, None], top[0], tr.pad_id), jnp.where(active[:, None], top[1], 0.0)),
     )
     return new, out
 
 
-def _run_steps(cfg, model, settings, state, steps):
-    return lax.scan(functools.partial(_step, cfg, model, settings), state, steps)
+def _run_steps(cfg, model, tr, state, steps):
+    return lax.scan(functools.partial(_step, cfg, model, tr), state, steps)
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _generate_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, settings: _Settings) -> GenerateOutput:
-    model = _merge_model(cfg.model, model_arrays)
-    state = _init(cfg, model, prompt, prompt_lengths, settings)
-    state, ys = _run_steps(cfg, model, settings, state, jnp.arange(cfg.max_new, dtype=jnp.int32))
+def _generate_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, tr: _Traced) -> GenerateOutput:
+    """The whole call. The decode loop is a ``lax.while_loop`` that stops after the real
+    ``max_new_tokens`` steps (the buffers are sized for the step bucket) or as soon as every
+    row is done, so the bucket's extra steps cost nothing; each step's outputs are written
+    into fixed [B, steps] buffers in place (slots never reached keep 0 / ``pad_id``, exactly
+    what a finished row's steps hold)."""
+    model = M.merge(cfg.model, model_arrays)
+    state = _init(cfg, model, prompt, prompt_lengths, tr)
+    b, steps, n_top = cfg.batch, cfg.steps, cfg.num_top
+    zeros = jnp.zeros((b, steps), jnp.float32)
+    top = () if not n_top else (jnp.full((b, steps, n_top), tr.pad_id, jnp.int32),
+                                jnp.zeros((b, steps, n_top), jnp.float32))
+
+    def running(carry):
+        i, state, _ = carry
+        return (i < tr.max_new) & ~jnp.all(state.done)
+
+    def body(carry):
+        i, state, (lps, raws, top) = carry
+        state, out = _step(cfg, model, tr, state, i)
+        lps = lps.at[:, i].set(out.logprobs)
+        raws = raws.at[:, i].set(out.raw_logprobs)
+        if n_top:
+            top = (top[0].at[:, i].set(out.top[0]), top[1].at[:, i].set(out.top[1]))
+        return i + 1, state, (lps, raws, top)
+
+    _, state, (lps, raws, top) = lax.while_loop(running, body, (jnp.int32(0), state, (zeros, zeros, top)))
     return GenerateOutput(
-        tokens=state.tokens,
-        lengths=state.lengths,
-        logprobs=ys.logprobs.T,
-        raw_logprobs=ys.raw_logprobs.T,
+        tokens=state.context.tokens,
+        lengths=state.context.lengths,
+        logprobs=lps,
+        raw_logprobs=raws,
         num_generated=state.context.step,
-        top_ids=ys.top[0].transpose(1, 0, 2) if cfg.num_top else None,
-        top_logprobs=ys.top[1].transpose(1, 0, 2) if cfg.num_top else None,
+        top_ids=top[0] if n_top else None,
+        top_logprobs=top[1] if n_top else None,
     )
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _stream_init_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, settings: _Settings) -> LoopState:
-    return _init(cfg, _merge_model(cfg.model, model_arrays), prompt, prompt_lengths, settings)
+def _stream_init_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, tr: _Traced) -> LoopState:
+    return _init(cfg, M.merge(cfg.model, model_arrays), prompt, prompt_lengths, tr)
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1), donate_argnums=(4,))
-def _stream_chunk_jit(cfg: _Config, chunk: int, model_arrays, settings: _Settings, state: LoopState, start):
-    model = _merge_model(cfg.model, model_arrays)
+def _stream_chunk_jit(cfg: _Config, chunk: int, model_arrays, tr: _Traced, state: LoopState, start):
+    model = M.merge(cfg.model, model_arrays)
     steps = start + jnp.arange(chunk, dtype=jnp.int32)
-    state, ys = _run_steps(cfg, model, settings, state, steps)
+    state, ys = _run_steps(cfg, model, tr, state, steps)
     # `done` is returned on its own: the state's buffers are donated to the next chunk.
     return state, ys.tokens.T, ys.logprobs.T, state.done
 
@@ -473,266 +384,84 @@ def _auto_axes(tree: Any) -> Any:
     return jax.tree_util.tree_map(_auto_axes_leaf, tree)
 
 
-_VOCAB_MEMO: "collections.OrderedDict[Any, int]" = collections.OrderedDict()
+def _pad_prompt(prompt: jax.Array, to: int) -> jax.Array:
+    """Right-pads the prompt's columns to the bucket (the padding is never read as a token)."""
+    extra = to - prompt.shape[1]
+    return prompt if extra == 0 else jnp.pad(prompt, ((0, 0), (0, extra)))
 
 
-def _vocab_size(model_static, model_arrays, kind: str, batch: int, prompt_len: int, window: int) -> int:
-    """The model's vocabulary size, by abstract evaluation of its first call (memoized)."""
-    avals = tuple(jax.ShapeDtypeStruct(np.shape(a), a.dtype) for a in model_arrays)
-    memo_key = (model_static, tuple((a.shape, str(a.dtype)) for a in avals), kind, batch, prompt_len, window)
-    if memo_key in _VOCAB_MEMO:
-        _VOCAB_MEMO.move_to_end(memo_key)
-        return _VOCAB_MEMO[memo_key]
-
-    def probe(arrays):
-        model = _merge_model(model_static, arrays)
-        if kind == "cached":
-            cache = model.init_cache(batch, window)
-            tokens = jnp.zeros((batch, prompt_len), jnp.int32)
-            positions = jnp.broadcast_to(jnp.arange(prompt_len, dtype=jnp.int32), (batch, prompt_len))
-            return _cached_step(model, tokens, positions, cache, "step (prefill)")[0]
-        return _check_logits(model(jnp.zeros((batch, window), jnp.int32)), batch, window, "call model(tokens)")
-
-    vocab = int(jax.eval_shape(probe, avals).shape[-1])
-    _VOCAB_MEMO[memo_key] = vocab
-    if len(_VOCAB_MEMO) > 64:
-        _VOCAB_MEMO.popitem(last=False)
-    return vocab
-
-
-def _as_int(fn: str, name: str, value: Any, allowed: str) -> int:
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{fn}: `{name}` must be an int, got {value!r}. Allowed: {allowed}.")
-    try:
-        return operator.index(value)
-    except TypeError:
-        raise TypeError(f"{fn}: `{name}` must be an int, got {value!r} ({type(value).__name__}). Allowed: {allowed}.") from None
-
-
-def _check_prompt(fn: str, prompt: Any) -> jax.Array:
-    if not hasattr(prompt, "dtype"):
-        try:
-            prompt = np.asarray(prompt)
-        except ValueError:
-            raise ValueError(f"{fn}: `prompt` must be a rectangular int array [batch, prompt_len]; pad ragged "
-                             f"prompts and pass `prompt_lengths`.") from None
-    if prompt.dtype == bool or not jnp.issubdtype(prompt.dtype, jnp.integer):
-        raise TypeError(f"{fn}: `prompt` must hold integer token ids, got dtype {prompt.dtype}.")
-    if prompt.ndim != 2:
-        raise ValueError(
-            f"{fn}: `prompt` must have shape [batch, prompt_len], got shape {tuple(prompt.shape)}"
-            + (" (use prompt[None] for a single prompt)." if prompt.ndim == 1 else ".")
-        )
-    if prompt.shape[0] < 1 or prompt.shape[1] < 1:
-        raise ValueError(f"{fn}: `prompt` must have at least one row and one token, got shape {tuple(prompt.shape)}.")
-    if V.is_concrete(prompt) and not isinstance(prompt, jax.Array):
-        return jnp.asarray(np.asarray(prompt, np.int32))
-    return jnp.asarray(prompt).astype(jnp.int32)
-
-
-def _check_prompt_lengths(fn: str, prompt_lengths: Any, b: int, p: int) -> jax.Array:
-    if prompt_lengths is None:
-        return jnp.asarray(np.full((b,), p, np.int32))
-    if not hasattr(prompt_lengths, "dtype"):
-        prompt_lengths = np.asarray(prompt_lengths)
-    if tuple(prompt_lengths.shape) != (b,):
-        raise ValueError(f"{fn}: `prompt_lengths` must have shape ({b},) (one length per prompt row), "
-                         f"got shape {tuple(prompt_lengths.shape)}.")
-    if prompt_lengths.dtype == bool or not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
-        raise TypeError(f"{fn}: `prompt_lengths` must be integers, got dtype {prompt_lengths.dtype}.")
-    if V.is_concrete(prompt_lengths):
-        arr = np.asarray(prompt_lengths)
-        bad = (arr < 1) | (arr > p)
-        if bad.any():
-            raise ValueError(f"{fn}: `prompt_lengths` must be in [1, {p}] (the prompt's padded length), got "
-                             f"{arr.tolist()} (bad entry {arr[bad][0].item()!r} at row {int(np.argmax(bad))}).")
-        if not isinstance(prompt_lengths, jax.Array):
-            return jnp.asarray(arr.astype(np.int32))
-    return jnp.asarray(prompt_lengths).astype(jnp.int32)
-
-
-def _check_prompt_ids(fn: str, prompt: jax.Array, lengths: jax.Array, vocab: int) -> None:
-    """Real prompt tokens (padding excluded) must lie in [0, V), when their values are readable."""
-    if not all(V.is_concrete(x) and getattr(x, "is_fully_addressable", True) for x in (prompt, lengths)):
-        return
-    ids = np.asarray(prompt)
-    bad = (np.arange(ids.shape[1])[None, :] < np.asarray(lengths)[:, None]) & ((ids < 0) | (ids >= vocab))
-    if bad.any():
-        row, col = np.argwhere(bad)[0]
-        raise ValueError(f"{fn}: `prompt` has token id {ids[row, col]} at [{row}, {col}], outside the model's "
-                         f"vocabulary [0, {vocab}).")
-
-
-def _token_ids(fn: str, name: str, value: Any, vocab: int) -> jax.Array:
-    """A 1-D int32 array of token ids, range-checked when concrete."""
-    if V.is_concrete(value):
-        arr = np.asarray(value)
-        if arr.dtype == object or arr.dtype == bool or arr.dtype.kind not in "iu" or arr.ndim > 1:
-            raise TypeError(f"{fn}: `{name}` must be a token id or a list of token ids, got {value!r}.")
-        arr = arr.reshape(-1).astype(np.int64)
-        bad = (arr < 0) | (arr >= vocab)
-        if bad.any():
-            raise ValueError(f"{fn}: `{name}` got {arr.tolist()}; each id must be in [0, {vocab}) "
-                             f"(the model's vocabulary), bad id {arr[bad][0].item()}.")
-        return jnp.asarray(arr.astype(np.int32))
-    return jnp.asarray(value).reshape(-1).astype(jnp.int32)
-
-
-def _stop_sequences(fn: str, stop_sequences: Any, vocab: int):
-    if stop_sequences is None:
-        return None, None
-    seqs = list(stop_sequences) if isinstance(stop_sequences, (list, tuple)) else None
-    if seqs is None or any(np.ndim(s) != 1 for s in seqs):
-        raise TypeError(f"{fn}: `stop_sequences` must be a list of token-id lists, e.g. [[13, 13], [50256]]; "
-                        f"got {stop_sequences!r}.")
-    if not seqs:
-        return None, None
-    arrs = []
-    for j, s in enumerate(seqs):
-        a = np.asarray(s)
-        if a.size == 0:
-            raise ValueError(f"{fn}: `stop_sequences[{j}]` is empty; each stop sequence needs >= 1 token.")
-        if a.dtype == bool or a.dtype.kind not in "iu":
-            raise TypeError(f"{fn}: `stop_sequences[{j}]` must hold integer token ids, got {s!r}.")
-        if (a < 0).any() or (a >= vocab).any():
-            raise ValueError(f"{fn}: `stop_sequences[{j}]` = {a.tolist()} has ids outside [0, {vocab}) "
-                             f"(the model's vocabulary).")
-        arrs.append(a.astype(np.int32))
-    m = max(len(a) for a in arrs)
-    table = np.zeros((len(arrs), m), np.int32)
-    for j, a in enumerate(arrs):
-        table[j, m - len(a):] = a  # right-aligned
-    return jnp.asarray(table), jnp.asarray(np.array([len(a) for a in arrs], np.int32))
-
-
-def _check_finite(fn: str, name: str, value: Any) -> None:
-    V.check_knob(fn, name, value, allowed="a finite number (0 means off)")
-    if V.is_concrete(value) and not np.all(np.isfinite(np.asarray(value, np.float64))):
-        raise ValueError(f"{fn}: `{name}` must be finite, got {value!r}; allowed: a finite number (0 means off).")
-
-
-def _logit_bias(fn: str, bias: Any, b: int, vocab: int):
-    if bias is None:
+def _check_processors(fn: str, processors: Any) -> Any:
+    if processors is None:
         return None
-    if isinstance(bias, dict):
-        dense = np.zeros((vocab,), np.float32)
-        for tok, val in bias.items():
-            t = _as_int(fn, "logit_bias key", tok, "a token id")
-            if not 0 <= t < vocab:
-                raise ValueError(f"{fn}: `logit_bias` has token id {t}, outside [0, {vocab}) (the model's vocabulary).")
-            dense[t] = float(val)
-        return jnp.asarray(dense)
-    shape = tuple(np.shape(bias))
-    if shape not in ((vocab,), (b, vocab)):
-        raise ValueError(f"{fn}: `logit_bias` must be a dict {{token_id: bias}} or an array of shape ({vocab},) or "
-                         f"({b}, {vocab}), got shape {shape}.")
-    if V.is_concrete(bias) and not isinstance(bias, jax.Array):
-        arr = np.asarray(bias, np.float32)
-        if np.isnan(arr).any():
-            raise ValueError(f"{fn}: `logit_bias` contains NaN.")
-        return jnp.asarray(arr)
-    return jnp.asarray(bias).astype(jnp.float32)
+    procs = (processors,) if isinstance(processors, LogitsProcessor) else tuple(processors)
+    for j, proc in enumerate(procs):
+        if not isinstance(proc, LogitsProcessor):
+            raise TypeError(f"{fn}: `processors` must be a LogitsProcessor or a sequence of them; item {j} "
+                            f"is {type(proc).__name__}.")
+    return M._Static(procs) if procs else None
 
 
-_DUMMY_KEYS: dict[int, jax.Array] = {}
-
-
-def _row_keys(fn: str, key: Any, temperature: Any, b: int) -> jax.Array:
-    if key is None:
-        if not V.is_concrete(temperature):
-            raise ValueError(f"{fn}: `key` is None and `temperature` is traced, so sampling may be needed. "
-                             f"Pass key=jax.random.key(0) (or a concrete temperature=0 for greedy decoding).")
-        t = np.asarray(temperature, np.float64)
-        if np.any(t > 0):
-            shown = t.reshape(-1)[np.argmax(t.reshape(-1) > 0)].item()
-            raise ValueError(
-                f"{fn}: `key` is None but temperature={shown!r} > 0 samples. Pass key=jax.random.key(0) "
-                f"(any seed; or one key per row), or temperature=0 for greedy decoding."
-            )
-        if b not in _DUMMY_KEYS:  # greedy: the draw ignores the uniforms
-            with jax.ensure_compile_time_eval():  # concrete even inside a user's jit: no leaked tracer
-                _DUMMY_KEYS[b] = jax.random.split(jax.random.key(0), b)
-        return _DUMMY_KEYS[b]
-    typed, per_row = V.check_key(fn, key, (b,))
-    return typed if per_row else jax.random.split(typed, b)
-
-
-def _prepare(fn: str, model, prompt, max_new_tokens, *, key, temperature, top_k, top_p, min_p, typical_p,
-             repetition_penalty, presence_penalty, frequency_penalty, logit_bias, eos_id, min_new_tokens,
-             stop_sequences, prompt_lengths, context_size, pad_id, processors, num_samples=1, top_logprobs=0):
-    n = _as_int(fn, "max_new_tokens", max_new_tokens, "an int >= 1")
-    if n < 1:
-        raise ValueError(f"{fn}: `max_new_tokens` must be >= 1, got {n}.")
-    ns = _as_int(fn, "num_samples", num_samples, "an int >= 1")
-    if ns < 1:
-        raise ValueError(f"{fn}: `num_samples` must be >= 1, got {ns}.")
-    num_top = _as_int(fn, "top_logprobs", top_logprobs, "an int >= 0")
-    if num_top < 0:
-        raise ValueError(f"{fn}: `top_logprobs` must be >= 0 (0 means off), got {num_top}.")
-    prompt = _check_prompt(fn, prompt)
+def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingParams, prompt_lengths,
+             context_size, pad_id, processors, num_samples=1, top_logprobs=0):
+    """Every eager check, then the static config and the traced arguments of the loop."""
+    n = V.check_count(fn, "max_new_tokens", max_new_tokens, 1)
+    ns = V.check_count(fn, "num_samples", num_samples, 1)
+    num_top = V.check_count(fn, "top_logprobs", top_logprobs, 0, "0 means off")
+    prompt = V.check_prompt(fn, prompt)
     b0, p = int(prompt.shape[0]), int(prompt.shape[1])
-    lengths = _check_prompt_lengths(fn, prompt_lengths, b0, p)
+    lengths = V.check_prompt_lengths(fn, prompt_lengths, b0, p)
     b = b0 * ns  # output rows: each prompt row's samples are adjacent
-    kind = _model_kind(model, fn)
+    kind = M.model_kind(fn, model)
     if context_size is None and kind == "stateless":
         context_size = getattr(model, "context_size", None)
         context_size = context_size if isinstance(context_size, (int, np.integer)) else None
     if context_size is not None:
-        context_size = _as_int(fn, "context_size", context_size, "an int >= 1 or None")
-        if context_size < 1:
-            raise ValueError(f"{fn}: `context_size` must be >= 1 (or None for no limit), got {context_size}.")
+        context_size = V.check_count(fn, "context_size", context_size, 1, "or None for no limit")
+    limit = M.context_limit(model)
+    V.check_context(fn, p, n, limit, "model.config.max_seq_len")
     if kind == "cached":
-        window = p + n - 1  # cache slots needed: the last token is never fed back
-        if context_size is not None and window > context_size:
+        if context_size is not None and p + n - 1 > context_size:
             raise ValueError(f"{fn}: a KV-cached model cannot slide a window: prompt length {p} + max_new_tokens "
-                             f"{n} - 1 = {window} exceeds context_size={context_size}.")
+                             f"{n} - 1 = {p + n - 1} exceeds context_size={context_size}.")
+        cap = min(x for x in (limit, context_size) if x is not None) if (limit or context_size) else None
+        pb, steps = bucket(p, *PROMPT_BUCKETS), bucket(n, *STEP_BUCKETS)
+        if cap is not None:
+            pb = min(pb, cap)
+        window = pb + steps - 1  # cache slots: the last token is never fed back
+        if cap is not None:
+            window = min(window, cap)
     else:
+        pb, steps = p, n
         window = p + n if context_size is None else min(context_size, p + n)
 
-    model_static, model_arrays = _split_model(model)
-    vocab = _vocab_size(model_static, model_arrays, kind, b0, p, window)
-    if num_top > vocab:
-        raise ValueError(f"{fn}: `top_logprobs` must be <= the vocabulary size {vocab}, got {num_top}.")
-    _check_prompt_ids(fn, prompt, lengths, vocab)
+    model_static, model_arrays = M.split(model)
+    vocab = M.vocab_size(fn, model_static, model_arrays, kind, b0, pb, window)
+    V.check_at_most(fn, "top_logprobs", num_top, vocab, "the vocabulary size")
+    V.check_prompt_ids(fn, prompt, lengths, vocab)
+    pad = V.check_token_id(fn, "pad_id", pad_id, vocab)
+    resolved = S.resolve(fn, sampling, b, vocab, M.default_eos_ids(model))
+    keys = V.row_keys(fn, key, sampling.temperature, b)
+    procs = _check_processors(fn, processors)
+    tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)))
+    cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top)
+    return cfg, n, p, *_auto_axes((model_arrays, _pad_prompt(prompt, pb), lengths, tr))
 
-    pad = _as_int(fn, "pad_id", pad_id, f"a token id in [0, {vocab})")
-    if not 0 <= pad < vocab:
-        raise ValueError(f"{fn}: `pad_id` must be a token id in [0, {vocab}) (it is fed to the model in padding "
-                         f"slots), got {pad}.")
-    knobs = make_knobs(fn, (b,), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
-    keys = _row_keys(fn, key, temperature, b)
-    V.check_knob(fn, "repetition_penalty", repetition_penalty, low=0.0, low_open=True, allowed="a number > 0 (1 means off)")
-    _check_finite(fn, "presence_penalty", presence_penalty)
-    _check_finite(fn, "frequency_penalty", frequency_penalty)
-    V.check_knob(fn, "min_new_tokens", min_new_tokens, low=0, integer=True, allowed="an integer >= 0")
-    eos = None
-    if eos_id is not None and not (isinstance(eos_id, (list, tuple)) and len(eos_id) == 0):
-        eos = _token_ids(fn, "eos_id", eos_id, vocab)
-    stop_seqs, stop_lens = _stop_sequences(fn, stop_sequences, vocab)
 
-    if processors is not None:
-        procs = (processors,) if isinstance(processors, LogitsProcessor) else tuple(processors)
-        for j, proc in enumerate(procs):
-            if not isinstance(proc, LogitsProcessor):
-                raise TypeError(f"{fn}: `processors` must be a LogitsProcessor or a sequence of them; item {j} "
-                                f"is {type(proc).__name__}.")
-        processors = _Static(procs) if procs else None
-
-    settings = _Settings(
-        keys=keys,
-        knobs=knobs,
-        repetition_penalty=V.broadcast_knob(fn, "repetition_penalty", repetition_penalty, (b,), np.float32),
-        frequency_penalty=V.broadcast_knob(fn, "frequency_penalty", frequency_penalty, (b,), np.float32),
-        presence_penalty=V.broadcast_knob(fn, "presence_penalty", presence_penalty, (b,), np.float32),
-        logit_bias=_logit_bias(fn, logit_bias, b, vocab),
-        eos_ids=eos,
-        min_new_tokens=V.broadcast_knob(fn, "min_new_tokens", min_new_tokens, (b,), np.int32),
-        stop_seqs=stop_seqs,
-        stop_lens=stop_lens,
-        pad_id=jnp.asarray(np.int32(pad)),
+def _trim(out: GenerateOutput, p: int, n: int) -> GenerateOutput:
+    """The bucketed result in the shapes the user asked for ([B, P + N] tokens, [B, N] steps)."""
+    if out.tokens.shape[1] == p + n:
+        return out
+    return out._replace(
+        tokens=out.tokens[:, : p + n],
+        logprobs=out.logprobs[:, :n],
+        raw_logprobs=out.raw_logprobs[:, :n],
+        top_ids=None if out.top_ids is None else out.top_ids[:, :n],
+        top_logprobs=None if out.top_logprobs is None else out.top_logprobs[:, :n],
     )
-    cfg = _Config(model_static, kind, b, p, n, window, vocab, processors, ns, num_top)
-    return cfg, *_auto_axes((model_arrays, prompt, lengths, settings))
+
+
+def _sampling(fn: str, sampling, **keywords) -> SamplingParams:
+    return S.from_keywords(fn, sampling, **keywords)
 
 
 # ---------------------------------------------------------------------------------------
@@ -745,18 +474,19 @@ def generate(
     max_new_tokens: int,
     *,
     key: Any = None,
-    temperature: Any = 1.0,
-    top_k: Any = 0,
-    top_p: Any = 1.0,
-    min_p: Any = 0.0,
-    typical_p: Any = 1.0,
-    repetition_penalty: Any = 1.0,
-    presence_penalty: Any = 0.0,
-    frequency_penalty: Any = 0.0,
-    logit_bias: Any = None,
-    eos_id: Any = None,
-    min_new_tokens: Any = 0,
-    stop_sequences: Sequence[Sequence[int]] | None = None,
+    sampling: SamplingParams | None = None,
+    temperature: Any = UNSET,
+    top_k: Any = UNSET,
+    top_p: Any = UNSET,
+    min_p: Any = UNSET,
+    typical_p: Any = UNSET,
+    repetition_penalty: Any = UNSET,
+    presence_penalty: Any = UNSET,
+    frequency_penalty: Any = UNSET,
+    logit_bias: Any = UNSET,
+    eos_id: Any = UNSET,
+    min_new_tokens: Any = UNSET,
+    stop_sequences: Sequence[Sequence[int]] | None = UNSET,
     prompt_lengths: Any = None,
     context_size: int | None = None,
     pad_id: int = 0,
@@ -767,13 +497,14 @@ def generate(
 ) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per prompt row, as one compiled computation.
 
-    The call is a single ``jax.jit`` computation: a prefill, then ``lax.scan`` over
-    ``max_new_tokens`` steps on a fixed buffer. Each step applies, in vLLM's order, the
+    The call is a single ``jax.jit`` computation: a prefill, then a ``lax.while_loop`` of up
+    to ``max_new_tokens`` steps on a fixed buffer (for KV-cached models both bucketed, so nearby
+    prompt lengths and ``max_new_tokens`` share one compilation; see the module docstring).
+    Each step applies, in vLLM's order, the
     repetition penalty (over prompt and generated tokens), the frequency/presence penalties
     (over generated tokens), ``logit_bias``, the EOS ban before ``min_new_tokens``, the user
     ``processors``, then draws with temperature / top-k / top-p / min-p / typical-p (exactly,
-    see :func:`jaxdecode.sample`). Once every row has finished, the remaining steps skip the
-    model (``lax.cond``).
+    see :func:`jaxdecode.sample`). The loop stops once every row has finished.
 
     Model protocols (``docs/CONTRACTS.md``), detected by attributes:
 
@@ -793,11 +524,12 @@ def generate(
     dtypes reuse the compiled computation; its other leaves and structure are static.
     Otherwise (a plain function, a ``CachedModel`` of closures, any non-pytree object) the
     model is a static argument hashed by identity (or by value when hashable): pass the same
-    object to avoid recompiling. Also static: ``max_new_tokens``, the shapes of the prompt,
-    of ``logit_bias`` and of the stop-sequence table, the number of EOS ids, ``context_size``
-    and ``processors`` (hashed by the identity of their functions: build them once). Every
-    other value (knobs, penalties, keys, EOS / stop ids, ``min_new_tokens``, ``pad_id``,
-    prompt content, ``prompt_lengths``) is traced.
+    object to avoid recompiling. Also static: the bucket of ``max_new_tokens`` and of the
+    prompt length (the exact values for stateless models), the batch size, what
+    :class:`jaxdecode.SamplingParams` keeps static (shapes, the number of EOS ids, the
+    stop-sequence table's shape), ``context_size`` and ``processors`` (hashed by the identity
+    of their functions: build them once). Every other value (knobs, penalties, keys, EOS /
+    stop ids, ``min_new_tokens``, ``pad_id``, prompt content, ``prompt_lengths``) is traced.
 
     Works inside a user's ``jax.jit`` and under ``jax.vmap`` (checks of traced values are
     skipped; out-of-range traced knobs are clipped). Batch-sharded inputs and sharded params
@@ -814,13 +546,18 @@ def generate(
         (shape [B]). Row b's uniform at step i is ``uniform(fold_in(row_key[b], i))``, so a
         row's tokens depend only on its own key, prompt and knobs. Needed unless every
         temperature is 0.
+      sampling: a :class:`jaxdecode.SamplingParams` holding every sampling knob and penalty
+        (default ``SamplingParams()``: temperature 1, nothing truncated or penalised, the
+        model's EOS ids). The keywords below are shorthand that builds one; passing both a
+        keyword and ``sampling`` is a ValueError.
       temperature, top_k, top_p, min_p, typical_p: sampling knobs, scalars or [B] arrays
-        (see :func:`jaxdecode.sample`); temperature 0 is greedy.
+        (see :func:`jaxdecode.sample`); temperature 0 is greedy. Default temperature 1.
       repetition_penalty: > 0, scalar or [B]; 1 is off (CTRL / Hugging Face semantics).
       presence_penalty, frequency_penalty: finite, scalar or [B]; 0 is off (OpenAI / vLLM).
       logit_bias: ``{token_id: bias}``, or float[V] / float[B, V], added to the logits.
       eos_id: an id or a list of ids; a row stops after generating one (it is kept and
-        counted in ``lengths``).
+        counted in ``lengths``). Default: the model's ``config.eos_ids`` when it declares
+        them (``jaxdecode.models`` models do), else none; ``eos_id=()`` turns stopping off.
       min_new_tokens: int >= 0, scalar or [B]; EOS ids are banned until the row has generated
         this many tokens.
       stop_sequences: list of token-id lists; a row stops once its generated tokens end with
@@ -843,7 +580,8 @@ def generate(
         with speculative decoding (KV-cached models; sampling knobs, EOS, ragged prompts and
         per-row keys are supported; penalties, bias, processors, stop sequences,
         ``min_new_tokens``, ``num_samples`` and ``top_logprobs`` are not). Same output
-        distribution as without it; see :func:`jaxdecode.speculative_generate` for statistics.
+        distribution as without it; the output's ``rounds``, ``proposed`` and ``accepted``
+        hold the acceptance statistics (see :func:`jaxdecode.speculative_generate`).
 
     Returns:
       A :class:`GenerateOutput` (``tokens``, ``lengths``, ``logprobs``, ``raw_logprobs``,
@@ -853,10 +591,11 @@ def generate(
     Raises:
       TypeError: non-integer prompt / lengths, a non-int ``max_new_tokens`` or
         ``context_size``, a bad key, a model that fits neither protocol.
-      ValueError: a prompt that is not 2-D, ``max_new_tokens <= 0``, ``prompt_lengths``
+      ValueError: a prompt that is not 2-D, ``max_new_tokens <= 0``, prompt length +
+        ``max_new_tokens`` beyond ``model.config.max_seq_len``, ``prompt_lengths``
         outside [1, P] or of the wrong shape, ``context_size < 1``, a knob out of range,
         ``temperature > 0`` without a key, prompt / EOS / stop / bias ids outside [0, V), or a model
-        whose logits are not [B, T, V].
+        whose logits are not [B, T, V], a keyword knob together with ``sampling``.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxdecode
@@ -869,36 +608,33 @@ def generate(
       [[1, 2, 3, 4, 5, 6, 7], [7, 8, 9, 0, 0, 0, 0]]
       >>> out.lengths.tolist(), out.num_generated.tolist()
       ([7, 3], [4, 2])
-      >>> out = jaxdecode.generate(model, jnp.array([[1, 2, 3]]), 4, key=jax.random.key(0), top_p=0.9)
+      >>> params = jaxdecode.SamplingParams(temperature=0.8, top_p=0.9)
+      >>> out = jaxdecode.generate(model, jnp.array([[1, 2, 3]]), 4, key=jax.random.key(0), sampling=params)
     """
+    fn = _FN
+    sp = _sampling(fn, sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, logit_bias=logit_bias, eos_id=eos_id,
+                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences)
     if speculative is not None:
-        unsupported = dict(
-            repetition_penalty=(repetition_penalty, 1.0), presence_penalty=(presence_penalty, 0.0),
-            frequency_penalty=(frequency_penalty, 0.0), logit_bias=(logit_bias, None),
-            min_new_tokens=(min_new_tokens, 0), stop_sequences=(stop_sequences, None),
-            processors=(processors, None), num_samples=(num_samples, 1), top_logprobs=(top_logprobs, 0),
-            context_size=(context_size, None),
-        )
+        S.check_supported(fn, sp, ("temperature", "top_k", "top_p", "min_p", "typical_p", "eos_id"),
+                          "with `speculative` decoding")
+        unsupported = dict(processors=(processors, None), num_samples=(num_samples, 1),
+                           top_logprobs=(top_logprobs, 0), context_size=(context_size, None))
         for name, (value, default) in unsupported.items():
             if value is not default and not (V.is_concrete(value) and np.ndim(value) == 0 and value == default):
-                raise ValueError(f"{_FN}: `{name}` is not supported with `speculative` decoding "
+                raise ValueError(f"{fn}: `{name}` is not supported with `speculative` decoding "
                                  f"(got {value!r}); leave it at its default {default!r}.")
-        from ._speculative import speculative_generate
-
-        out = speculative_generate(
-            model, prompt, max_new_tokens, proposer=speculative, key=key, temperature=temperature, top_k=top_k,
-            top_p=top_p, min_p=min_p, typical_p=typical_p, eos_id=eos_id, prompt_lengths=prompt_lengths, pad_id=pad_id,
-        )
-        return GenerateOutput(out.tokens, out.lengths, out.logprobs, out.raw_logprobs, out.num_generated)
-    cfg, arrays, prompt, lengths, settings = _prepare(
-        _FN, model, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-        eos_id=eos_id, min_new_tokens=min_new_tokens, stop_sequences=stop_sequences,
-        prompt_lengths=prompt_lengths, context_size=context_size, pad_id=pad_id, processors=processors,
-        num_samples=num_samples, top_logprobs=top_logprobs,
+        out = speculative_generate(model, prompt, max_new_tokens, proposer=speculative, key=key, sampling=sp,
+                                   prompt_lengths=prompt_lengths, pad_id=pad_id, _fn=fn)
+        return GenerateOutput(out.tokens, out.lengths, out.logprobs, out.raw_logprobs, out.num_generated,
+                              rounds=out.rounds, proposed=out.proposed, accepted=out.accepted)
+    cfg, n, p, arrays, prompt, lengths, tr = _prepare(
+        fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
+        context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
+        top_logprobs=top_logprobs,
     )
-    return _generate_jit(cfg, arrays, prompt, lengths, settings)
+    return _trim(_generate_jit(cfg, arrays, prompt, lengths, tr), p, n)
 
 
 def generate_stream(
@@ -908,18 +644,19 @@ def generate_stream(
     *,
     chunk_size: int = 8,
     key: Any = None,
-    temperature: Any = 1.0,
-    top_k: Any = 0,
-    top_p: Any = 1.0,
-    min_p: Any = 0.0,
-    typical_p: Any = 1.0,
-    repetition_penalty: Any = 1.0,
-    presence_penalty: Any = 0.0,
-    frequency_penalty: Any = 0.0,
-    logit_bias: Any = None,
-    eos_id: Any = None,
-    min_new_tokens: Any = 0,
-    stop_sequences: Sequence[Sequence[int]] | None = None,
+    sampling: SamplingParams | None = None,
+    temperature: Any = UNSET,
+    top_k: Any = UNSET,
+    top_p: Any = UNSET,
+    min_p: Any = UNSET,
+    typical_p: Any = UNSET,
+    repetition_penalty: Any = UNSET,
+    presence_penalty: Any = UNSET,
+    frequency_penalty: Any = UNSET,
+    logit_bias: Any = UNSET,
+    eos_id: Any = UNSET,
+    min_new_tokens: Any = UNSET,
+    stop_sequences: Sequence[Sequence[int]] | None = UNSET,
     prompt_lengths: Any = None,
     context_size: int | None = None,
     pad_id: int = 0,
@@ -938,7 +675,8 @@ def generate_stream(
 
     Args:
       chunk_size: int >= 1, decode steps per chunk (the last chunk may be shorter).
-      Others: as :func:`generate` (``top_logprobs`` and ``speculative`` are generate-only).
+      Others: as :func:`generate` (``sampling`` or the keyword knobs; ``top_logprobs`` and
+        ``speculative`` are generate-only).
 
     Yields:
       :class:`StreamChunk` (``tokens`` int32[B, c], ``logprobs`` float32[B, c], ``done`` bool[B]).
@@ -950,24 +688,23 @@ def generate_stream(
       >>> [c.tokens.tolist() for c in chunks]
       [[[2, 3]], [[4, 5]], [[6]]]
     """
-    chunk = _as_int(_FN_STREAM, "chunk_size", chunk_size, "an int >= 1")
-    if chunk < 1:
-        raise ValueError(f"{_FN_STREAM}: `chunk_size` must be >= 1, got {chunk}.")
-    cfg, arrays, prompt, lengths, settings = _prepare(
-        _FN_STREAM, model, prompt, max_new_tokens, key=key, temperature=temperature, top_k=top_k, top_p=top_p,
-        min_p=min_p, typical_p=typical_p, repetition_penalty=repetition_penalty,
-        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, logit_bias=logit_bias,
-        eos_id=eos_id, min_new_tokens=min_new_tokens, stop_sequences=stop_sequences,
-        prompt_lengths=prompt_lengths, context_size=context_size, pad_id=pad_id, processors=processors,
-        num_samples=num_samples,
+    fn = _FN_STREAM
+    chunk = V.check_count(fn, "chunk_size", chunk_size, 1)
+    sp = _sampling(fn, sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                   typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
+                   frequency_penalty=frequency_penalty, logit_bias=logit_bias, eos_id=eos_id,
+                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences)
+    cfg, n, _, arrays, prompt, lengths, tr = _prepare(
+        fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
+        context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
     )
-    chunk = min(chunk, cfg.max_new)
+    chunk = min(chunk, n)
 
     def stream() -> Iterator[StreamChunk]:
-        state = _stream_init_jit(cfg, arrays, prompt, lengths, settings)
-        for start in range(0, cfg.max_new, chunk):
-            state, toks, lps, done = _stream_chunk_jit(cfg, chunk, arrays, settings, state, jnp.int32(start))
-            c = min(chunk, cfg.max_new - start)
+        state = _stream_init_jit(cfg, arrays, prompt, lengths, tr)
+        for start in range(0, n, chunk):
+            state, toks, lps, done = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
+            c = min(chunk, n - start)
             yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done)
             if bool(jnp.all(done)):
                 return

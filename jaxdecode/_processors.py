@@ -5,7 +5,8 @@ A processor is a :class:`LogitsProcessor`, a NamedTuple of two pure functions:
 * ``init(context) -> state``: the processor's own state (most processors use ``()``).
 * ``update(logits, state, context) -> (logits, state)``: rewrites the float32 logits ``[B, V]``.
 
-History lives in the explicit :class:`DecodeContext` (token counts, prompt tokens, step), so
+History lives in the explicit :class:`DecodeContext` (token counts, prompt tokens, step, the
+token buffer with each row's length, and the previous token), so
 processors that need it never keep hidden state. Processors compose with :func:`chain`, in
 order. Removed tokens get ``-inf`` (the library's one masking convention).
 
@@ -42,25 +43,42 @@ class DecodeContext(NamedTuple):
         tokens only, padding excluded): with ``token_counts > 0`` it is the repetition
         penalty's history.
       step: int32[B]. How many tokens the row has generated so far (0 for the first new one).
+      tokens: int32[B, L]. The row's token buffer: its real tokens (prompt, then the tokens
+        generated so far) in slots ``[0, lengths[b])``, padding after. L is fixed for the
+        whole call (at least prompt length + max_new_tokens), so processors that read it
+        (n-gram bans, DRY, grammars) compile once.
+      lengths: int32[B]. Real tokens per row (prompt + generated). The generated tokens are
+        slots ``[lengths - step, lengths)``; see :meth:`generated_mask`.
+      prev_token: int32[B]. The token drawn at the previous step (the last prompt token at
+        step 0): the row's last real token, ``tokens[b, lengths[b] - 1]``.
     """
 
     token_counts: jax.Array
     prompt_mask: jax.Array
     step: jax.Array
+    tokens: jax.Array
+    lengths: jax.Array
+    prev_token: jax.Array
 
     @staticmethod
-    def from_prompt(prompt: Any, vocab_size: int, prompt_lengths: Any = None) -> "DecodeContext":
+    def from_prompt(prompt: Any, vocab_size: int, prompt_lengths: Any = None, max_length: int | None = None,
+                    pad_id: int = 0) -> "DecodeContext":
         """A context for the first new token after ``prompt`` ([B, P] int, right-padded).
 
         Args:
           prompt: int array [B, P].
           vocab_size: V.
           prompt_lengths: int array [B] of real lengths (default: all P).
+          max_length: L, the token buffer's length (default P; decoders use P + max_new_tokens).
+          pad_id: the value of buffer slots past each row's length.
         """
         prompt = jnp.asarray(prompt)
         if prompt.ndim != 2:
             raise ValueError(f"DecodeContext.from_prompt: `prompt` must have shape [B, P], got {tuple(prompt.shape)}.")
         b, p = prompt.shape
+        if max_length is not None and max_length < p:
+            raise ValueError(f"DecodeContext.from_prompt: `max_length` must be >= the prompt length {p}, "
+                             f"got {max_length}.")
         lengths = jnp.full((b,), p, jnp.int32) if prompt_lengths is None else jnp.asarray(prompt_lengths, jnp.int32)
         if V.is_concrete(prompt) and V.is_concrete(lengths):
             # Padding may hold anything; a real token outside the vocabulary is an error.
@@ -72,27 +90,47 @@ class DecodeContext(NamedTuple):
                     f"DecodeContext.from_prompt: `prompt` has token id {ids[row, col]} at [{row}, {col}], "
                     f"outside the vocabulary [0, {vocab_size})."
                 )
-        return _context_from_prompt(prompt.astype(jnp.int32), lengths, vocab_size)
+        return _context_from_prompt(prompt.astype(jnp.int32), lengths, vocab_size, max_length or p, pad_id)
 
     def advance(self, tokens: jax.Array, active: jax.Array | None = None) -> "DecodeContext":
         """The context after each row generated ``tokens`` (int32[B]); rows with ``active``
-        False (finished) are left unchanged."""
+        False (finished) are left unchanged. The token is written to the buffer at the row's
+        length (dropped when the buffer is full)."""
         b = tokens.shape[0]
-        inc = jnp.ones((b,), jnp.int32) if active is None else active.astype(jnp.int32)
-        counts = self.token_counts.at[jnp.arange(b), tokens].add(inc)
-        return DecodeContext(counts, self.prompt_mask, self.step + inc)
+        tokens = tokens.astype(jnp.int32)
+        on = jnp.ones((b,), bool) if active is None else active
+        inc = on.astype(jnp.int32)
+        rows = jnp.arange(b)
+        counts = self.token_counts.at[rows, tokens].add(inc)
+        slot = jnp.where(on, self.lengths, self.tokens.shape[1])  # out of range: dropped
+        buf = self.tokens.at[rows, slot].set(tokens, mode="drop")
+        return DecodeContext(counts, self.prompt_mask, self.step + inc, buf, self.lengths + inc,
+                             jnp.where(on, tokens, self.prev_token))
+
+    def generated_mask(self) -> jax.Array:
+        """bool[B, L]: the buffer slots holding the row's generated tokens."""
+        slots = jnp.arange(self.tokens.shape[1], dtype=jnp.int32)[None, :]
+        return (slots >= (self.lengths - self.step)[:, None]) & (slots < self.lengths[:, None])
 
 
-def _context_from_prompt(prompt: jax.Array, lengths: jax.Array, vocab_size: int) -> DecodeContext:
+def _context_from_prompt(prompt: jax.Array, lengths: jax.Array, vocab_size: int, max_length: int,
+                         pad_id: Any = 0) -> DecodeContext:
     b, p = prompt.shape
     valid = jnp.arange(p)[None, :] < lengths[:, None]
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], (b, p))
     ids = jnp.clip(prompt, 0, vocab_size - 1)
     mask = jnp.zeros((b, vocab_size), bool).at[rows, ids].max(valid)
+    buf = jnp.where(valid, prompt, jnp.asarray(pad_id, jnp.int32))
+    if max_length > p:
+        buf = jnp.concatenate([buf, jnp.full((b, max_length - p), pad_id, jnp.int32)], axis=1)
+    prev = jnp.take_along_axis(prompt, jnp.clip(lengths - 1, 0, p - 1)[:, None], axis=1)[:, 0]
     return DecodeContext(
         token_counts=jnp.zeros((b, vocab_size), jnp.int32),
         prompt_mask=mask,
         step=jnp.zeros((b,), jnp.int32),
+        tokens=buf.astype(jnp.int32),
+        lengths=lengths,
+        prev_token=prev,
     )
 
 
@@ -128,6 +166,14 @@ def chain(*processors: LogitsProcessor) -> LogitsProcessor:
         return tuple(p.init(ctx) for p in processors)
 
     def update(logits, state, ctx):
+        # As optax's chain: a state that is not this chain's (a different number of
+        # processors) is an error; zip would silently skip the extra processors.
+        if not isinstance(state, tuple) or len(state) != len(processors):
+            got = f"a tuple of {len(state)} states" if isinstance(state, tuple) else f"a {type(state).__name__}"
+            raise ValueError(
+                f"jaxdecode.chain: `state` must be the tuple of the {len(processors)} processors' states "
+                f"(from this chain's init(context)), got {got}."
+            )
         new_states = []
         for p, s in zip(processors, state):
             logits, s = p.update(logits, s, ctx)
@@ -222,8 +268,8 @@ def logit_bias(bias: Any, vocab_size: int | None = None) -> LogitsProcessor:
 
 def _token_mask(fn: str, name: str, ids: Sequence[int] | Any, vocab_size: int) -> jax.Array:
     ids = np.asarray(ids, dtype=np.int64).reshape(-1)
-    if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
-        raise ValueError(f"{fn}: `{name}` has ids {ids.tolist()}; each must be in [0, {vocab_size}).")
+    if ids.size:
+        V.token_ids(fn, name, ids, vocab_size)  # the shared range check and message
     mask = np.zeros((vocab_size,), bool)
     mask[ids] = True
     return jnp.asarray(mask)
@@ -256,3 +302,44 @@ def min_new_tokens(n: Any, eos_ids: Sequence[int]) -> LogitsProcessor:
 def penalties(repetition: Any = 1.0, frequency: Any = 0.0, presence: Any = 0.0) -> LogitsProcessor:
     """Repetition, then frequency/presence penalties (vLLM's order) as one processor."""
     return chain(repetition_penalty(repetition), frequency_presence_penalty(frequency, presence))
+
+
+def no_repeat_ngram(n: int) -> LogitsProcessor:
+    """Bans every token that would repeat an n-gram already in the row (prompt included).
+
+    Hugging Face's ``no_repeat_ngram_size``: with the row's tokens ``x[0..T)``, a token ``t``
+    is banned when ``x[T-n+1..T) + [t]`` occurs as an n-gram in ``x``; nothing is banned while
+    ``T < n - 1``. ``n = 1`` bans every token already present. Reads the context's token
+    buffer, so it works in :func:`jaxdecode.generate` (``processors=``) with no extra state.
+
+    Args:
+      n: int >= 1 (static), the n-gram size.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxdecode
+      >>> ctx = jaxdecode.DecodeContext.from_prompt(jnp.array([[1, 2, 3, 1]]), vocab_size=5)
+      >>> out, _ = jaxdecode.no_repeat_ngram(2).update(jnp.zeros((1, 5)), (), ctx)
+      >>> out.tolist()  # "1 2" occurred, so after "... 1" the token 2 is banned
+      [[0.0, 0.0, -inf, 0.0, 0.0]]
+    """
+    n = V.check_count("jaxdecode.no_repeat_ngram", "n", n, 1, "the n-gram size")
+
+    def fn(logits, ctx):
+        b, v = logits.shape
+        toks, length = ctx.tokens, ctx.lengths
+        total = toks.shape[1]
+        starts = jnp.arange(max(total - n + 1, 0), dtype=jnp.int32)  # n-gram start slots
+        if starts.size == 0:
+            return logits.astype(jnp.float32)
+        # The n-gram starting at j is inside the row (j + n <= length) and its first n - 1
+        # tokens equal the row's last n - 1 tokens.
+        match = (starts[None, :] + n <= length[:, None]) & (length[:, None] >= n - 1)
+        for t in range(n - 1):
+            tail = jnp.take_along_axis(toks, jnp.clip(length - (n - 1) + t, 0, total - 1)[:, None], axis=1)
+            match &= toks[:, t : t + starts.size] == tail
+        banned_tok = toks[:, n - 1 : n - 1 + starts.size]
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], banned_tok.shape)
+        banned = jnp.zeros((b, v), bool).at[rows, jnp.clip(banned_tok, 0, v - 1)].max(match)
+        return jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
+
+    return _stateless(fn)

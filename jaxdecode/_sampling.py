@@ -39,6 +39,11 @@ from . import _validate as V
 NUM_CANDIDATES = 128
 
 _F32_MAX = float(np.finfo(np.float32).max)
+# Lower clip of top_p / typical_p inside jit: the smallest normal float32. A mass target of
+# p * Z with p = 0 (or a subnormal p, which XLA:CPU flushes to 0) is met by the empty set, so
+# the filter would keep nothing; any positive target keeps the most probable (resp. most
+# typical) token and its ties, as "never fewer than one token" promises.
+_P_MIN = float(np.finfo(np.float32).tiny)
 
 
 class SamplingKnobs(NamedTuple):
@@ -72,14 +77,16 @@ _KNOB_SPECS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_knobs(fn: str, batch_shape: tuple[int, ...], **values: Any) -> SamplingKnobs:
-    """Validates concrete knob values and broadcasts each to ``batch_shape``."""
+def make_knobs(fn: str, batch_shape: tuple[int, ...], checked: bool = False, **values: Any) -> SamplingKnobs:
+    """Validates concrete knob values (unless ``checked``: already done) and broadcasts each
+    to ``batch_shape``."""
     out = {}
     for name, spec in _KNOB_SPECS.items():
         value = values[name]
         spec = dict(spec)
         dtype = spec.pop("dtype")
-        V.check_knob(fn, name, value, **spec)
+        if not checked:
+            V.check_knob(fn, name, value, **spec)
         out[name] = V.broadcast_knob(fn, name, value, batch_shape, dtype)
     return SamplingKnobs(**out)
 
@@ -89,9 +96,9 @@ def _clip_knobs(k: SamplingKnobs, vocab: int) -> SamplingKnobs:
     return SamplingKnobs(
         temperature=jnp.maximum(k.temperature.astype(jnp.float32), 0.0),
         top_k=jnp.clip(k.top_k.astype(jnp.int32), 0, vocab),
-        top_p=jnp.clip(k.top_p.astype(jnp.float32), 0.0, 1.0),
+        top_p=jnp.clip(k.top_p.astype(jnp.float32), _P_MIN, 1.0),
         min_p=jnp.clip(k.min_p.astype(jnp.float32), 0.0, 1.0),
-        typical_p=jnp.clip(k.typical_p.astype(jnp.float32), 0.0, 1.0),
+        typical_p=jnp.clip(k.typical_p.astype(jnp.float32), _P_MIN, 1.0),
     )
 
 
@@ -370,7 +377,9 @@ def draw(
     ids = jnp.where(greedy_row, gid, ids)
     lp = jnp.where(greedy_row, glp, lp)
     ids = jnp.where(empty, 0, ids).astype(jnp.int32)
-    lp = jnp.where(empty, -jnp.inf, lp)
+    # A log-probability is <= 0; the clamp removes float rounding above 0 and is the last
+    # guard against +inf (an empty kept set, which the knob clipping above rules out).
+    lp = jnp.where(empty, -jnp.inf, jnp.minimum(lp, 0.0))
     return ids, lp
 
 
@@ -589,7 +598,7 @@ def _top_p_filter(logits, p):
     l = _sanitize(logits)
     _, w = _weights(l)
     keys = _sortable(l)
-    keep = keys >= _top_p_threshold(keys, w, jnp.clip(p, 0.0, 1.0))[..., None]
+    keep = keys >= _top_p_threshold(keys, w, jnp.clip(p, _P_MIN, 1.0))[..., None]
     return jnp.where(keep, l, -jnp.inf)
 
 
@@ -633,5 +642,5 @@ def typical_filter(logits: jax.Array, p: Any) -> jax.Array:
 @jax.jit
 def _typical_filter(logits, p):
     l = _sanitize(logits)
-    keep = _typical_keep(l, l > -jnp.inf, jnp.clip(p, 0.0, 1.0), _bisect_mass)
+    keep = _typical_keep(l, l > -jnp.inf, jnp.clip(p, _P_MIN, 1.0), _bisect_mass)
     return jnp.where(keep, l, -jnp.inf)

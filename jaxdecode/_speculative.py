@@ -24,6 +24,7 @@ again at the same position rewrites the same entry, which keeps the bookkeeping 
 
 from __future__ import annotations
 
+import functools
 from typing import Any, NamedTuple
 
 import jax
@@ -31,10 +32,11 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from . import _cache
+from . import _model as M
 from . import _sampling
+from . import _settings as S
 from . import _validate as V
-from ._modeljit import model_jit
+from ._settings import UNSET, SamplingParams
 
 
 class DraftModel(NamedTuple):
@@ -52,28 +54,20 @@ class PromptLookup(NamedTuple):
 
 
 def draft_model(model: Any, num_tokens: int = 4) -> DraftModel:
-    """A draft-model proposer (``num_tokens`` = k tokens proposed per round)."""
-    _check_count("jaxdecode.draft_model", "num_tokens", num_tokens)
-    if not (hasattr(model, "init_cache") and hasattr(model, "step")) and not callable(model):
-        raise TypeError(
-            "jaxdecode.draft_model: `model` must be a KV-cached model (init_cache and step) or a stateless "
-            f"callable model(tokens) -> logits; got {type(model).__name__}."
-        )
-    return DraftModel(model, int(num_tokens))
+    """A draft-model proposer (``num_tokens`` = k tokens proposed per round).
+
+    ``model`` is KV-cached or stateless (wrapped for the cached protocol), and must share the
+    target's tokenizer."""
+    k = V.check_count("jaxdecode.draft_model", "num_tokens", num_tokens, 1)
+    M.model_kind("jaxdecode.draft_model", model)
+    return DraftModel(model, k)
 
 
 def prompt_lookup(num_tokens: int = 4, ngram: int = 3) -> PromptLookup:
     """A prompt-lookup proposer (no second model)."""
-    _check_count("jaxdecode.prompt_lookup", "num_tokens", num_tokens)
-    _check_count("jaxdecode.prompt_lookup", "ngram", ngram)
-    return PromptLookup(int(num_tokens), int(ngram))
-
-
-def _check_count(fn: str, name: str, value: Any) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
-        raise TypeError(f"{fn}: `{name}` must be an int, got {value!r}.")
-    if value < 1:
-        raise ValueError(f"{fn}: `{name}` must be >= 1, got {value}.")
+    k = V.check_count("jaxdecode.prompt_lookup", "num_tokens", num_tokens, 1)
+    g = V.check_count("jaxdecode.prompt_lookup", "ngram", ngram, 1)
+    return PromptLookup(k, g)
 
 
 class SpecState(NamedTuple):
@@ -238,7 +232,8 @@ def _spec_round(state: SpecState, *, model, proposer, keys, knobs, eos, n, pad_i
     )
 
 
-def run_speculative(model, proposer, prompt, prompt_lengths, keys, knobs, eos, pad_id, *, max_new_tokens: int):
+def run_speculative(model, proposer, prompt, prompt_lengths, keys, knobs, eos, pad_id, *, max_new_tokens: int,
+                    cache_len: int, draft_cache_len: int):
     """Traced body: prefill target (and draft), then verification rounds until every row is done.
 
     Returns the final :class:`SpecState`; the buffer has ``k + 1`` slack slots past P + N.
@@ -248,16 +243,12 @@ def run_speculative(model, proposer, prompt, prompt_lengths, keys, knobs, eos, p
     k = proposer.num_tokens
     total = p + n + k + 1
     positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
-    cache = model.init_cache(b, total)
-    target_logits, cache = model.step(prompt, positions, cache)
+    cache = model.init_cache(b, cache_len)
+    _, cache = M.cached_step("jaxdecode.speculative_generate", model, prompt, positions, cache, "step (prefill)")
     if isinstance(proposer, DraftModel):
-        dcache = proposer.model.init_cache(b, total)
-        draft_logits, dcache = proposer.model.step(prompt, positions, dcache)
-        if draft_logits.shape[-1] != target_logits.shape[-1]:
-            raise ValueError(
-                f"jaxdecode.speculative_generate: the draft model's vocabulary size ({draft_logits.shape[-1]}) "
-                f"differs from the target's ({target_logits.shape[-1]}); the draft must share the target's tokenizer."
-            )
+        dcache = proposer.model.init_cache(b, draft_cache_len)
+        _, dcache = M.cached_step("jaxdecode.speculative_generate", proposer.model, prompt, positions, dcache,
+                                  "draft step (prefill)")
     else:
         dcache = ()
     valid = jnp.arange(p)[None, :] < prompt_lengths[:, None]
@@ -311,14 +302,16 @@ def speculative_generate(
     *,
     proposer: DraftModel | PromptLookup,
     key: jax.Array | None = None,
-    temperature: Any = 1.0,
-    top_k: Any = 0,
-    top_p: Any = 1.0,
-    min_p: Any = 0.0,
-    typical_p: Any = 1.0,
-    eos_id: int | list[int] | None = None,
+    sampling: SamplingParams | None = None,
+    temperature: Any = UNSET,
+    top_k: Any = UNSET,
+    top_p: Any = UNSET,
+    min_p: Any = UNSET,
+    typical_p: Any = UNSET,
+    eos_id: Any = UNSET,
     prompt_lengths: Any = None,
     pad_id: int = 0,
+    _fn: str = "jaxdecode.speculative_generate",
 ) -> SpeculativeOutput:
     """Generates with speculative decoding; the output distribution equals plain sampling's.
 
@@ -329,10 +322,14 @@ def speculative_generate(
       max_new_tokens: N >= 1 (static).
       proposer: :func:`draft_model` or :func:`prompt_lookup` (static).
       key: PRNG key, one or one per row ([B]); required unless temperature is 0 everywhere.
+      sampling: a :class:`jaxdecode.SamplingParams`; of its fields temperature, top_k, top_p,
+        min_p, typical_p and eos_id are supported (the others must stay at their defaults).
+        The keywords below are shorthand that builds one (not together with ``sampling``).
       temperature, top_k, top_p, min_p, typical_p: as :func:`jaxdecode.sample`, per row.
-      eos_id: one id or a list; a row stops after its first EOS (kept).
+      eos_id: one id or a list; a row stops after its first EOS (kept). Default: the model's
+        ``config.eos_ids`` when declared; ``()`` is off.
       prompt_lengths: int[B] real prompt lengths (default P).
-      pad_id: value of unused slots.
+      pad_id: value of unused slots, a token id in [0, V).
 
     Returns:
       :class:`SpeculativeOutput`.
@@ -347,37 +344,74 @@ def speculative_generate(
       >>> out.tokens[0, 6:].tolist(), int(out.rounds)
       ([1, 2, 3, 4, 0, 1], 2)
     """
-    fn = "jaxdecode.speculative_generate"
+    fn = _fn
+    sp = S.from_keywords(fn, sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                         typical_p=typical_p, eos_id=eos_id)
+    S.check_supported(fn, sp, ("temperature", "top_k", "top_p", "min_p", "typical_p", "eos_id"),
+                      "by speculative decoding")
+    n = V.check_count(fn, "max_new_tokens", max_new_tokens, 1)
     if not isinstance(proposer, (DraftModel, PromptLookup)):
-        raise TypeError(f"{fn}: `proposer` must come from jaxdecode.draft_model(...) or jaxdecode.prompt_lookup(...), got {type(proposer).__name__}.")
-    from ._beam import _check_inputs  # shared prompt / length / eos checks
-
-    prompt, prompt_lengths, eos = _check_inputs(fn, model, prompt, max_new_tokens, 1, 1, prompt_lengths, eos_id, pad_id)
-    model = _cache.as_cached(model)
+        raise TypeError(f"{fn}: `proposer` must come from jaxdecode.draft_model(...) or "
+                        f"jaxdecode.prompt_lookup(...), got {type(proposer).__name__}.")
+    prompt = V.check_prompt(fn, prompt)
+    b, p = prompt.shape
+    prompt_lengths = V.check_prompt_lengths(fn, prompt_lengths, b, p)
+    kind = M.model_kind(fn, model)
+    k = proposer.num_tokens
+    total = p + n + k + 1  # the buffer's k + 1 slack slots: a round may overshoot N
+    V.check_context(fn, p, n, M.context_limit(model), "model.config.max_seq_len")
+    target = M.as_cached(model)
+    static, arrays = M.split(target)
+    vocab = M.vocab_size(fn, static, arrays, "cached", b, p, _cache_len(target, total))
+    draft_static, draft_arrays = None, ()
     if isinstance(proposer, DraftModel):
-        proposer = proposer._replace(model=_cache.as_cached(proposer.model))
+        V.check_context(fn, p, n, M.context_limit(proposer.model), "the draft model's config.max_seq_len")
+        draft = M.as_cached(proposer.model)
+        draft_static, draft_arrays = M.split(draft)
+        draft_vocab = M.vocab_size(fn, draft_static, draft_arrays, "cached", b, p, _cache_len(draft, total))
+        if draft_vocab != vocab:
+            raise ValueError(
+                f"{fn}: the draft model's vocabulary size ({draft_vocab}) differs from the target's ({vocab}); "
+                f"the draft must share the target's tokenizer."
+            )
+    V.check_prompt_ids(fn, prompt, prompt_lengths, vocab)
+    pad = V.check_token_id(fn, "pad_id", pad_id, vocab)
+    knobs = S.resolve(fn, sp, b, vocab, M.default_eos_ids(model)).knobs
+    eos = S.eos_ids(fn, sp, vocab, M.default_eos_ids(model))
+    eos = jnp.full((1,), -1, jnp.int32) if eos is None else eos  # -1 matches no token
+    keys = V.row_keys(fn, key, sp.temperature, b)
+    cfg = _SpecConfig(static, draft_static, proposer._replace(model=None) if isinstance(proposer, DraftModel) else proposer,
+                      n, _cache_len(target, total), _cache_len(draft, total) if draft_static else 0, kind)
+    return _spec_jit(cfg, arrays, draft_arrays, prompt, prompt_lengths, keys, knobs, eos, jnp.int32(pad))
+
+
+def _cache_len(model: Any, total: int) -> int:
+    """Cache slots for a buffer of ``total`` (prompt + N + slack), clipped to the model's context:
+    positions past it are only ever written by rejected or over-budget tokens (dropped)."""
+    limit = M.context_limit(model)
+    return total if limit is None else min(total, limit)
+
+
+class _SpecConfig(NamedTuple):
+    target: Any  # _model.split static part of the (cached) target
+    draft: Any  # same for the draft model, or None for prompt lookup
+    proposer: Any  # DraftModel(model=None, num_tokens) or PromptLookup
+    max_new: int
+    cache_len: int
+    draft_cache_len: int
+    kind: str
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _spec_jit(cfg: _SpecConfig, arrays, draft_arrays, prompt, prompt_lengths, keys, knobs, eos, pad_id):
+    n = cfg.max_new
+    model = M.merge(cfg.target, arrays)
+    proposer = cfg.proposer
+    if cfg.draft is not None:
+        proposer = proposer._replace(model=M.merge(cfg.draft, draft_arrays))
     b, p = prompt.shape
-    knobs = _sampling.make_knobs(fn, (b,), temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
-    keys = _row_keys(fn, key, b, knobs.temperature)
-    draft = proposer.model if isinstance(proposer, DraftModel) else None
-    config = proposer._replace(model=None) if isinstance(proposer, DraftModel) else proposer
-    return _SPEC_JIT(model, draft, config, prompt, prompt_lengths, keys, knobs, eos, jnp.int32(pad_id), max_new_tokens=int(max_new_tokens))
-
-
-def _row_keys(fn: str, key: Any, b: int, temperature: jax.Array) -> jax.Array:
-    if key is None:
-        if V.is_concrete(temperature) and not np.any(np.asarray(temperature) > 0):
-            return jax.random.split(jax.random.key(0), b)  # greedy: the key is never used
-        V.check_key(fn, None)
-    key, per_row = V.check_key(fn, key, (b,))
-    return key if per_row else jax.random.split(key, b)
-
-
-def _spec_impl(model, draft, config, prompt, prompt_lengths, keys, knobs, eos, pad_id, *, max_new_tokens):
-    n = max_new_tokens
-    proposer = config._replace(model=draft) if isinstance(config, DraftModel) else config
-    b, p = prompt.shape
-    s = run_speculative(model, proposer, prompt, prompt_lengths, keys, knobs, eos, pad_id, max_new_tokens=n)
+    s = run_speculative(model, proposer, prompt, prompt_lengths, keys, knobs, eos, pad_id, max_new_tokens=n,
+                        cache_len=cfg.cache_len, draft_cache_len=cfg.draft_cache_len)
     tokens = s.tokens[:, : p + n]
     tokens = jnp.where(jnp.arange(p + n)[None, :] < s.length[:, None], tokens, pad_id)
     emitted = jnp.arange(n)[None, :] < s.generated[:, None]
@@ -391,6 +425,3 @@ def _spec_impl(model, draft, config, prompt, prompt_lengths, keys, knobs, eos, p
         proposed=s.proposed,
         accepted=s.accepted,
     )
-
-
-_SPEC_JIT = model_jit(_spec_impl, model_argnums=(0, 1), static_argnames=("config", "max_new_tokens"))

@@ -9,6 +9,7 @@ functions document what they do with out-of-range traced values (they clip).
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import jax
@@ -133,3 +134,153 @@ def check_key(fn: str, key: Any, batch_shape: tuple[int, ...] | None = None) -> 
         f"{fn}: `key` must be a single key (key shape {expected}), got a key array of shape "
         f"{tuple(typed.shape)}. Split keys with jax.random.split(key, n) to get one per row."
     )
+
+
+# ---------------------------------------------------------------------------------------
+# Counts, token ids, prompts and limits: the checks every decoder shares. Each takes the
+# public function's name first so that one bad value reads the same from every entry point.
+
+
+def as_int(fn: str, name: str, value: Any, allowed: str) -> int:
+    """``value`` as a Python int; TypeError for bools, floats and non-numbers."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{fn}: `{name}` must be an int, got {value!r}. Allowed: {allowed}.")
+    try:
+        return operator.index(value)
+    except TypeError:
+        raise TypeError(
+            f"{fn}: `{name}` must be an int, got {value!r} ({type(value).__name__}). Allowed: {allowed}."
+        ) from None
+
+
+def check_count(fn: str, name: str, value: Any, minimum: int = 1, what: str = "") -> int:
+    """An int >= ``minimum`` (TypeError when not an int, ValueError when too small)."""
+    allowed = f"an int >= {minimum}" + (f" ({what})" if what else "")
+    n = as_int(fn, name, value, allowed)
+    if n < minimum:
+        raise ValueError(f"{fn}: `{name}` must be >= {minimum}{' (' + what + ')' if what else ''}, got {n}.")
+    return n
+
+
+def check_at_most(fn: str, name: str, value: int, limit: int, what: str) -> None:
+    """``value <= limit`` or a ValueError naming both and what the limit is."""
+    if value > limit:
+        raise ValueError(f"{fn}: `{name}` must be <= {what} ({limit}), got {value}.")
+
+
+def check_token_id(fn: str, name: str, value: Any, vocab: int, why: str = "") -> int:
+    """One concrete token id in ``[0, vocab)`` (e.g. ``pad_id``)."""
+    allowed = f"a token id in [0, {vocab})"
+    t = as_int(fn, name, value, allowed)
+    if not 0 <= t < vocab:
+        raise ValueError(f"{fn}: `{name}` must be {allowed}{why}, got {t}.")
+    return t
+
+
+def token_ids(fn: str, name: str, value: Any, vocab: int) -> jax.Array:
+    """One id or a list of ids as int32[E], each checked to lie in ``[0, vocab)`` when concrete."""
+    if not is_concrete(value) or (isinstance(value, (list, tuple)) and any(not is_concrete(v) for v in value)):
+        return jnp.asarray(value).reshape(-1).astype(jnp.int32)
+    arr = np.asarray(value)
+    if arr.dtype == object or arr.dtype == bool or arr.dtype.kind not in "iu" or arr.ndim > 1:
+        raise TypeError(f"{fn}: `{name}` must be a token id or a list of token ids, got {value!r}.")
+    arr = arr.reshape(-1).astype(np.int64)
+    bad = (arr < 0) | (arr >= vocab)
+    if bad.any():
+        raise ValueError(f"{fn}: `{name}` got {arr.tolist()}; each id must be in [0, {vocab}) "
+                         f"(the model's vocabulary), bad id {arr[bad][0].item()}.")
+    return jnp.asarray(arr.astype(np.int32))
+
+
+def check_prompt(fn: str, prompt: Any) -> jax.Array:
+    """A rectangular integer prompt ``[batch, prompt_len]`` as int32."""
+    if not hasattr(prompt, "dtype"):
+        try:
+            prompt = np.asarray(prompt)
+        except ValueError:
+            raise ValueError(f"{fn}: `prompt` must be a rectangular int array [batch, prompt_len]; pad ragged "
+                             f"prompts and pass `prompt_lengths`.") from None
+    if prompt.dtype == bool or not jnp.issubdtype(prompt.dtype, jnp.integer):
+        raise TypeError(f"{fn}: `prompt` must hold integer token ids, got dtype {prompt.dtype}.")
+    if prompt.ndim != 2:
+        raise ValueError(
+            f"{fn}: `prompt` must have shape [batch, prompt_len], got shape {tuple(prompt.shape)}"
+            + (" (use prompt[None] for a single prompt)." if prompt.ndim == 1 else ".")
+        )
+    if prompt.shape[0] < 1 or prompt.shape[1] < 1:
+        raise ValueError(f"{fn}: `prompt` must have at least one row and one token, got shape {tuple(prompt.shape)}.")
+    if is_concrete(prompt) and not isinstance(prompt, jax.Array):
+        return jnp.asarray(np.asarray(prompt, np.int32))
+    return jnp.asarray(prompt).astype(jnp.int32)
+
+
+def check_prompt_lengths(fn: str, prompt_lengths: Any, b: int, p: int) -> jax.Array:
+    """int32[b] real prompt lengths in ``[1, p]`` (default: all ``p``)."""
+    if prompt_lengths is None:
+        return jnp.asarray(np.full((b,), p, np.int32))
+    if not hasattr(prompt_lengths, "dtype"):
+        prompt_lengths = np.asarray(prompt_lengths)
+    if tuple(prompt_lengths.shape) != (b,):
+        raise ValueError(f"{fn}: `prompt_lengths` must have shape ({b},) (one length per prompt row), "
+                         f"got shape {tuple(prompt_lengths.shape)}.")
+    if prompt_lengths.dtype == bool or not jnp.issubdtype(prompt_lengths.dtype, jnp.integer):
+        raise TypeError(f"{fn}: `prompt_lengths` must be integers, got dtype {prompt_lengths.dtype}.")
+    if is_concrete(prompt_lengths):
+        arr = np.asarray(prompt_lengths)
+        bad = (arr < 1) | (arr > p)
+        if bad.any():
+            raise ValueError(f"{fn}: `prompt_lengths` must be in [1, {p}] (the prompt's padded length), got "
+                             f"{arr.tolist()} (bad entry {arr[bad][0].item()!r} at row {int(np.argmax(bad))}).")
+        if not isinstance(prompt_lengths, jax.Array):
+            return jnp.asarray(arr.astype(np.int32))
+    return jnp.asarray(prompt_lengths).astype(jnp.int32)
+
+
+def check_prompt_ids(fn: str, prompt: jax.Array, lengths: jax.Array, vocab: int) -> None:
+    """Real prompt tokens (padding excluded) must lie in [0, V), when their values are readable."""
+    if not all(is_concrete(x) and getattr(x, "is_fully_addressable", True) for x in (prompt, lengths)):
+        return
+    ids = np.asarray(prompt)
+    bad = (np.arange(ids.shape[1])[None, :] < np.asarray(lengths)[:, None]) & ((ids < 0) | (ids >= vocab))
+    if bad.any():
+        row, col = np.argwhere(bad)[0]
+        raise ValueError(f"{fn}: `prompt` has token id {ids[row, col]} at [{row}, {col}], outside the model's "
+                         f"vocabulary [0, {vocab}).")
+
+
+def check_context(fn: str, prompt_len: int, max_new_tokens: int, limit: int | None, what: str) -> None:
+    """Prompt plus new tokens must fit the model's context (``what`` names where the limit is from)."""
+    if limit is not None and prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"{fn}: the prompt length ({prompt_len}) + `max_new_tokens` ({max_new_tokens}) = "
+            f"{prompt_len + max_new_tokens} exceeds the model's context of {limit} tokens ({what}). "
+            f"Shorten the prompt or lower `max_new_tokens` to at most {max(limit - prompt_len, 0)}."
+        )
+
+
+_DUMMY_KEYS: dict[int, jax.Array] = {}
+
+
+def row_keys(fn: str, key: Any, temperature: Any, b: int) -> jax.Array:
+    """One PRNG key per row: ``key`` split into ``b``, or ``key`` itself when it is ``[b]``.
+
+    ``key=None`` is allowed only when every (concrete) temperature is 0: greedy rows never
+    read their uniforms, so a fixed dummy key keeps the compiled computation the same.
+    """
+    if key is None:
+        if not is_concrete(temperature):
+            raise ValueError(f"{fn}: `key` is None and `temperature` is traced, so sampling may be needed. "
+                             f"Pass key=jax.random.key(0) (or a concrete temperature=0 for greedy decoding).")
+        t = np.asarray(temperature, np.float64)
+        if np.any(t > 0):
+            shown = t.reshape(-1)[np.argmax(t.reshape(-1) > 0)].item()
+            raise ValueError(
+                f"{fn}: `key` is None but temperature={shown!r} > 0 samples. Pass key=jax.random.key(0) "
+                f"(any seed; or one key per row), or temperature=0 for greedy decoding."
+            )
+        if b not in _DUMMY_KEYS:
+            with jax.ensure_compile_time_eval():  # concrete even inside a user's jit: no leaked tracer
+                _DUMMY_KEYS[b] = jax.random.split(jax.random.key(0), b)
+        return _DUMMY_KEYS[b]
+    typed, per_row = check_key(fn, key, (b,))
+    return typed if per_row else jax.random.split(typed, b)

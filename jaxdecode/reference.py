@@ -490,3 +490,23 @@ def generate(
             finished |= idx_next == eos_id
         idx = np.concatenate([idx, idx_next[:, None].astype(idx.dtype)], axis=1)
     return idx
+
+
+def no_repeat_ngram(logits: Any, tokens: Any, lengths: Any, n: int) -> np.ndarray:
+    """Hugging Face's ``no_repeat_ngram_size``, row by row in plain Python.
+
+    Row b's tokens are ``tokens[b, :lengths[b]]`` (prompt and generated, ``x``). A token ``t``
+    gets ``-inf`` when ``x[-(n-1):] + [t]`` already occurs as n consecutive tokens of ``x``;
+    nothing is banned while ``len(x) < n - 1``.
+    """
+    out = _float32(logits).copy()
+    toks = np.asarray(tokens)
+    for b, length in enumerate(np.asarray(lengths).reshape(-1)):
+        x = [int(t) for t in toks[b, : int(length)]]
+        if len(x) + 1 < n:
+            continue
+        prefix = tuple(x[len(x) - n + 1:]) if n > 1 else ()
+        for j in range(len(x) - n + 1):
+            if tuple(x[j : j + n - 1]) == prefix:
+                out[b, x[j + n - 1]] = -np.inf
+    return out

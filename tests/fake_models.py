@@ -129,3 +129,40 @@ def greedy_reference(model, prompt, lengths, n, eos=None):
                 break
         out.append(seq)
     return out
+
+
+def trigram_model(vocab: int, seed: int = 0, scale: float = 2.0):
+    """A KV-cached model whose logits depend on the last two tokens: ``table[prev, token]``
+    (``prev`` is 0 at position 0). The cache is the token history int32[B, S]. Returns
+    ``(model, table)`` with the table as a NumPy array for the references."""
+    table = jax.random.normal(jax.random.key(seed), (vocab, vocab, vocab)) * scale
+
+    def init_cache(batch, length):
+        return jnp.zeros((batch, length), jnp.int32)
+
+    def step(tokens, positions, hist):
+        b = tokens.shape[0]
+        hist = hist.at[jnp.arange(b)[:, None], positions].set(tokens, mode="drop")
+        prev = jnp.where(positions > 0, jnp.take_along_axis(hist, jnp.maximum(positions - 1, 0), axis=1), 0)
+        return table[prev, tokens], hist
+
+    return jaxdecode.CachedModel(init_cache, step), np.asarray(table)
+
+
+def trigram_logits(table: np.ndarray, tokens) -> np.ndarray:
+    """The trigram model's next-token logits after the sequence ``tokens`` (NumPy)."""
+    prev = tokens[-2] if len(tokens) >= 2 else 0
+    return table[prev, tokens[-1]]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class ScaledBigram:
+    """A pytree model with an array leaf and a plain Python float leaf (a "non-array leaf"):
+    logits = ``scale * table[token]``. Python-number leaves must stay static in every decoder."""
+
+    table: jax.Array
+    scale: float
+
+    def __call__(self, tokens):
+        return self.scale * self.table[tokens]

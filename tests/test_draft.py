@@ -7,6 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+import jaxdecode
 from jaxdecode.models import GPT2, GPT2Config, Llama, LlamaConfig, first_layers
 
 
@@ -24,7 +25,21 @@ def test_llama_first_layers_equals_truncated_params():
 
 def test_gpt2_first_layers_and_errors():
     g = GPT2.init(jax.random.key(0), GPT2Config(vocab_size=32, max_seq_len=16, dim=16, n_layers=3, n_heads=2))
-    assert first_layers(g, 1)(jnp.array([[1, 2]])).shape == (1, 2, 32)
+    draft = first_layers(g, 1)
+    # Values, not shapes: the one-block draft is a different model from the target ...
+    x = jnp.array([[1, 2, 3, 4, 5]])
+    logits = np.asarray(draft(x))
+    assert logits.shape == (1, 5, 32) and not np.allclose(logits, np.asarray(g(x)))
+    # ... and as a speculative draft its greedy tokens are the target's plain greedy tokens.
+    plain = jaxdecode.generate(g, x, 6, temperature=0.0, eos_id=())
+    spec = jaxdecode.speculative_generate(g, x, 6, proposer=jaxdecode.draft_model(draft, 3), temperature=0.0,
+                                          eos_id=())
+    np.testing.assert_array_equal(spec.tokens, plain.tokens)
+    greedy = [1, 2, 3, 4, 5]
+    for _ in range(6):  # the reference: argmax of the full forward, one token at a time
+        greedy.append(int(np.argmax(np.asarray(g(jnp.array([greedy])))[0, -1])))
+    assert plain.tokens[0].tolist() == greedy
+    assert int(spec.accepted[0]) <= int(spec.proposed[0])
     with pytest.raises(ValueError, match="n_layers"):
         first_layers(g, 4)
     with pytest.raises(TypeError, match="Llama or GPT2"):

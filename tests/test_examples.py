@@ -29,7 +29,9 @@ def test_seed_walkthrough(tmp_path):
 def test_default_model_example():
     out = _load("default_model").main(max_new_tokens=8)
     assert out["greedy"].startswith(" away from your friends.")
-    assert isinstance(out["chat"], str) and out["chat"]
+    # A sampled (seeded) answer about the question's subject, special tokens stripped.
+    assert out["chat"].startswith("JAX") and len(out["chat"]) > len("JAX ")
+    assert "<|" not in out["chat"]
 
 
 def test_many_prompts_example():

@@ -152,15 +152,15 @@ def test_context_size_attribute_is_used():
         context_size = 3
 
     def window(model, **kw):  # the static window length generate would compile for
-        return G._prepare("test", model, PROMPT, N, key=None, temperature=0.0, top_k=0, top_p=1.0, min_p=0.0,
-                          typical_p=1.0, repetition_penalty=1.0, presence_penalty=0.0, frequency_penalty=0.0,
-                          logit_bias=None, eos_id=None, min_new_tokens=0, stop_sequences=None, prompt_lengths=None,
-                          pad_id=0, processors=None, **kw)[0].window
+        return G._prepare("test", model, PROMPT, N, key=None, sampling=jaxdecode.SamplingParams(temperature=0.0),
+                          prompt_lengths=None, pad_id=0, processors=None, **kw)[0].window
 
     assert window(WithContext(V), context_size=None) == 3
     assert window(WithContext(V), context_size=5) == 5  # the argument wins
     assert window(ContextProbe(V), context_size=None) == P + N  # unlimited: the whole buffer
-    assert window(PLUS_CACHED, context_size=None) == P + N - 1  # KV cache slots
+    # KV cache slots: the prompt bucket (16) + the step bucket (16) - 1, clipped to context_size.
+    assert window(PLUS_CACHED, context_size=None) == 16 + 16 - 1
+    assert window(PLUS_CACHED, context_size=P + N - 1) == P + N - 1
 
 
 # ---------------------------------------------------------------------------------------

@@ -1,7 +1,5 @@
 """Speculative decoding: greedy identical to plain greedy, sampled distribution exact."""
 
-from typing import Any, Callable, NamedTuple
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,28 +7,8 @@ import pytest
 from scipy import stats
 
 import jaxdecode
+from fake_models import trigram_logits, trigram_model
 from jaxdecode import reference
-
-
-class _Cached(NamedTuple):
-    init_cache: Callable[[int, int], Any]
-    step: Callable
-
-
-def trigram_model(vocab: int, seed: int, scale: float = 2.0):
-    """KV-protocol model: logits depend on the last two tokens; cache = token history."""
-    table = jax.random.normal(jax.random.key(seed), (vocab, vocab, vocab)) * scale
-
-    def init_cache(batch, length):
-        return jnp.zeros((batch, length), jnp.int32)
-
-    def step(tokens, positions, hist):
-        b = tokens.shape[0]
-        hist = hist.at[jnp.arange(b)[:, None], positions].set(tokens)
-        prev = jnp.where(positions > 0, jnp.take_along_axis(hist, jnp.maximum(positions - 1, 0), axis=1), 0)
-        return table[prev, tokens], hist
-
-    return _Cached(init_cache, step), np.asarray(table)
 
 
 def greedy_numpy(table, prompt, n, eos=None):
@@ -69,7 +47,7 @@ def test_same_model_draft_accepts_everything_and_saves_rounds():
 def test_prompt_lookup_on_repetitive_text():
     # A cyclic model: the next token is (t + 1) % 5; the prompt shows the cycle once.
     table = jnp.log(jnp.full((5, 5), 0.01) + jnp.eye(5, k=1) + jnp.eye(5, k=-4))
-    model = _Cached(lambda b, n: jnp.zeros((b,)), lambda t, p, c: (table[t], c))
+    model = jaxdecode.CachedModel(lambda b, n: jnp.zeros((b,)), lambda t, p, c: (table[t], c))
     out = jaxdecode.speculative_generate(model, jnp.array([[0, 1, 2, 3, 4, 0]]), 10, proposer=jaxdecode.prompt_lookup(4, 2), temperature=0.0)
     assert out.tokens[0, 6:].tolist() == [(1 + i) % 5 for i in range(10)]
     assert int(out.rounds) < 10 and int(out.accepted[0]) >= 6
@@ -120,7 +98,18 @@ def test_eos_and_ragged_rows_match_single_runs():
         assert all(t not in (2, 5) for t in gen[:-1])
         assert len(gen) == 10 or gen[-1] in (2, 5)
         assert np.all(np.asarray(out.tokens[b, n:]) == 0)
-    np.testing.assert_allclose(np.asarray(out.logprobs[0, :3]) <= 0, True)
+        # Each token's log-probabilities against the NumPy reference: under the target's
+        # filtered distribution (temperature 0.9) and its raw log-softmax; 0 after the end.
+        seq = out.tokens[b, :n].tolist()
+        want_lp, want_raw = [], []
+        for t in range(lengths[b], n):
+            logits = trigram_logits(TABLE, seq[:t])[None]
+            want_lp.append(np.log(reference.sample_probs(logits, temperature=0.9)[0, seq[t]]))
+            want_raw.append(reference.log_softmax(logits)[0, seq[t]])
+        g = n - lengths[b]
+        np.testing.assert_allclose(out.logprobs[b, :g], want_lp, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(out.raw_logprobs[b, :g], want_raw, rtol=1e-5, atol=1e-5)
+        assert np.all(np.asarray(out.logprobs[b, g:]) == 0) and np.all(np.asarray(out.raw_logprobs[b, g:]) == 0)
 
 
 def test_bad_inputs():
