@@ -28,7 +28,7 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("prompt", nargs="?", help="the prompt (read from stdin when omitted)")
     p.add_argument("--model", default=None, help="path to a .gguf file or a Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="weights: float32 (default), bfloat16, or int8 weight-only (Llama)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"], help="weights: float32 (default), bfloat16, or int8 (int8 weights and activations, int32 dots; Llama)")
     p.add_argument("--max-new-tokens", type=int, default=64, help="tokens to generate (default 64)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (default 0)")
     p.add_argument("--top-k", type=int, default=0, help="0 is off")

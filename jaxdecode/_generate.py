@@ -186,9 +186,7 @@ def _init(cfg: _Config, model, prompt, prompt_lengths, tr: _Traced) -> LoopState
     rows = jnp.repeat(jnp.arange(b0), ns)
     if cfg.kind == "cached":
         cache = model.init_cache(b0, cfg.window)
-        positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b0, p))
-        out, cache = M.cached_step(_FN, model, ctx.tokens[:, :p], positions, cache, "step (prefill)", cfg.vocab)
-        logits = jnp.take_along_axis(out, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+        logits, cache = M.prefill(_FN, model, ctx.tokens[:, :p], cache, prompt_lengths, cfg.vocab)
         if ns > 1:
             cache = M.take_rows(cache, M.cache_batch_axes(model.init_cache, cfg.window), rows)
     else:

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["CachedModel", "StatelessAsCached", "as_cached", "split", "merge", "model_kind", "vocab_size",
-           "context_limit", "default_eos_ids", "cache_batch_axes", "take_rows", "cached_step", "check_logits"]
+           "context_limit", "default_eos_ids", "cache_batch_axes", "take_rows", "cached_step", "check_logits", "prefill"]
 
 
 class CachedModel(NamedTuple):
@@ -147,6 +147,27 @@ def cached_step(fn: str, model: Any, tokens, positions, cache, what: str, vocab:
         raise TypeError(f"{fn}: the model's {what} must return (logits, cache), got {type(out).__name__}.")
     logits, cache = out
     return check_logits(fn, logits, tokens.shape[0], tokens.shape[1], what, vocab), cache
+
+
+def prefill(fn: str, model: Any, tokens, cache, lengths, vocab: int | None = None):
+    """The prompt pass into a fresh cache: ``(logits float32[B, V] at each row's last prompt
+    position, cache)``.
+
+    A model may offer the optional ``prefill(tokens[B, P], cache, last_index[B]) -> (logits[B,
+    V], cache)`` (``jaxdecode.models.Llama`` does): the same as ``step`` at positions
+    ``0..P-1`` read at ``last_index``, but free to use that the cache is empty (attention over
+    the prompt alone, the LM head on one position per row). Otherwise ``step`` runs and its
+    logits are read at ``lengths - 1``.
+    """
+    last = lengths - 1
+    if callable(getattr(model, "prefill", None)):
+        logits, cache = model.prefill(tokens, cache, last)
+        check_logits(fn, logits[:, None], tokens.shape[0], 1, "prefill", vocab)
+        return logits.astype(jnp.float32), cache
+    b, p = tokens.shape
+    positions = jnp.broadcast_to(jnp.arange(p, dtype=jnp.int32), (b, p))
+    out, cache = cached_step(fn, model, tokens, positions, cache, "step (prefill)", vocab)
+    return jnp.take_along_axis(out, last[:, None, None], axis=1)[:, 0].astype(jnp.float32), cache
 
 
 class StatelessAsCached(NamedTuple):
