@@ -22,3 +22,23 @@ def toy_vocab():
 @pytest.fixture
 def toy_logits():
     return np.array(TOY_LOGITS, np.float32)
+
+
+_CACHE_FLAGS = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
+                "jax_persistent_cache_min_entry_size_bytes")
+
+
+@pytest.fixture(autouse=True)
+def _no_persistent_compilation_cache():
+    """Every test ends with JAX's persistent compilation cache as the session began (off): a
+    test that turns it on (the CLI does) must not make the rest of the session write every
+    compiled program to disk (a run of the suite crashed inside such a write)."""
+    import jax
+    from jax._src import compilation_cache
+
+    saved = {name: getattr(jax.config, name) for name in _CACHE_FLAGS}
+    yield
+    if any(getattr(jax.config, name) != value for name, value in saved.items()):
+        for name, value in saved.items():
+            jax.config.update(name, value)
+        compilation_cache.reset_cache()
