@@ -261,7 +261,7 @@ class Llama:
 
     @property
     def weight_format(self) -> str:
-        """"int8" for an int8 weight-only model (see :meth:`quantize`), else the dtype name."""
+        """"int8" for an int8 model (see :meth:`quantize`), else the dtype name."""
         if isinstance(self.params["embed"], QuantizedWeight):
             return "int8"
         return jnp.dtype(self.dtype).name
