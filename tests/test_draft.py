@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxdecode
-from jaxdecode.models import GPT2, GPT2Config, Llama, LlamaConfig, first_layers
+from jaxdecode.models import Decoder, Llama, LlamaConfig, first_layers, gpt2_config
 
 
 def test_llama_first_layers_equals_truncated_params():
@@ -24,7 +24,7 @@ def test_llama_first_layers_equals_truncated_params():
 
 
 def test_gpt2_first_layers_and_errors():
-    g = GPT2.init(jax.random.key(0), GPT2Config(vocab_size=32, max_seq_len=16, dim=16, n_layers=3, n_heads=2))
+    g = Decoder.init(jax.random.key(0), gpt2_config(vocab_size=32, max_seq_len=16, dim=16, n_layers=3, n_heads=2))
     draft = first_layers(g, 1)
     # Values, not shapes: the one-block draft is a different model from the target ...
     x = jnp.array([[1, 2, 3, 4, 5]])
@@ -42,5 +42,5 @@ def test_gpt2_first_layers_and_errors():
     assert int(spec.accepted[0]) <= int(spec.proposed[0])
     with pytest.raises(ValueError, match="n_layers"):
         first_layers(g, 4)
-    with pytest.raises(TypeError, match="Llama or GPT2"):
+    with pytest.raises(TypeError, match="Decoder"):
         first_layers(lambda t: t, 1)

@@ -244,11 +244,17 @@ def test_tiny_gguf_of_every_tensor_type_matches_numpy_forward(tmp_path, tie):
 
 def test_tiny_gguf_errors(tmp_path):
     params = random_llama_params(np.random.default_rng(23), tie_embeddings=True, **CFG)
-    p1 = tmp_path / "gpt2arch.gguf"
-    write_tiny_gguf(p1, params, arch="gpt2", tie=True)
-    with pytest.raises(ValueError, match="architecture") as e:
+    p1 = tmp_path / "mamba.gguf"
+    write_tiny_gguf(p1, params, arch="mamba", tie=True)
+    with pytest.raises(ValueError, match="unsupported architecture.*'mamba'.*'gemma3'") as e:
         load_gguf(p1)
     assert str(p1) in str(e.value)
+
+    p0 = tmp_path / "gpt2arch.gguf"  # a supported architecture with another family's tensors
+    write_tiny_gguf(p0, params, arch="gpt2", tie=True)
+    with pytest.raises(ValueError, match=r"unexpected tensors for a gpt2 model.*attn_k") as e:
+        load_gguf(p0)
+    assert str(p0) in str(e.value)
 
     p2 = tmp_path / "missing.gguf"
     write_tiny_gguf(p2, params, tie=True, drop=("blk.1.ffn_down.weight",))

@@ -1,4 +1,4 @@
-"""GPT-2 in JAX (jaxdecode.models._gpt2) against an independent NumPy forward, and its KV cache."""
+"""GPT-2 on the one decoder block (jaxdecode.models._decoder, gpt2_config) against an independent NumPy forward, and its KV cache."""
 
 import dataclasses
 import math
@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxdecode.models._gpt2 import GPT2, GPT2Config
+from jaxdecode.models import Decoder as GPT2, gpt2_config
+from jaxdecode.models._families import gpt2_config_from_dict
 
-CFG = GPT2Config(vocab_size=64, max_seq_len=32, dim=32, n_layers=2, n_heads=2)
+CFG = gpt2_config(vocab_size=64, max_seq_len=32, dim=32, n_layers=2, n_heads=2)
 
 
 def _randomized(cfg=CFG, seed=0, dtype=jnp.float32):
@@ -45,23 +46,23 @@ def _np_forward(params, cfg, tokens):
     def gelu(x):  # GPT-2's "gelu_new"
         return 0.5 * x * (1.0 + np.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * x ** 3)))
 
-    x = p["wte"][tokens] + p["wpe"][np.arange(T)][None]
+    x = p["embed"][tokens] + p["pos_embed"][np.arange(T)][None]
     causal = np.tril(np.ones((T, T), bool))
     for i in range(cfg.n_layers):
         lp = {k: v[i] for k, v in p["layers"].items()}
-        h = ln(x, lp["ln1_scale"], lp["ln1_bias"])
-        qkv = h @ lp["w_qkv"] + lp["b_qkv"]
+        h = ln(x, lp["attn_norm"], lp["attn_norm_bias"])
+        qkv = h @ lp["wqkv"] + lp["bqkv"]
         q, k, v = (a.reshape(B, T, H, hd).transpose(0, 2, 1, 3) for a in np.split(qkv, 3, -1))
         s = q @ k.transpose(0, 1, 3, 2) / math.sqrt(hd)
         s = np.where(causal, s, -np.inf)
         s = np.exp(s - s.max(-1, keepdims=True))
         s /= s.sum(-1, keepdims=True)
         a = (s @ v).transpose(0, 2, 1, 3).reshape(B, T, cfg.dim)
-        x = x + a @ lp["w_o"] + lp["b_o"]
-        h = ln(x, lp["ln2_scale"], lp["ln2_bias"])
-        x = x + gelu(h @ lp["w_fc"] + lp["b_fc"]) @ lp["w_proj"] + lp["b_proj"]
-    x = ln(x, p["ln_f_scale"], p["ln_f_bias"])
-    head = p["wte"].T if cfg.tie_embeddings else p["lm_head"]
+        x = x + a @ lp["wo"] + lp["bo"]
+        h = ln(x, lp["mlp_norm"], lp["mlp_norm_bias"])
+        x = x + gelu(h @ lp["w_up"] + lp["b_up"]) @ lp["w_down"] + lp["b_down"]
+    x = ln(x, p["norm"], p["norm_bias"])
+    head = p["embed"].T if cfg.tie_embeddings else p["lm_head"]
     return x @ head
 
 
@@ -88,7 +89,7 @@ def test_kv_cache_decode_matches_full_recompute():
     tokens = _tokens(B, P + N, seed=2)
     full = np.asarray(m(tokens))
     cache = m.init_cache(B, 16)
-    assert cache["k"].shape == (CFG.n_layers, B, 16, CFG.n_heads, CFG.dim // CFG.n_heads)
+    assert cache.k.shape == (CFG.n_layers, B, CFG.n_heads, 16, CFG.dim // CFG.n_heads)
     pos = np.broadcast_to(np.arange(P, dtype=np.int32), (B, P))
     logits, cache = m.step(tokens[:, :P], pos, cache)
     outs = [np.asarray(logits)]
@@ -147,7 +148,7 @@ def test_bfloat16():
     err = np.abs(np.asarray(full) - ref).max() / np.abs(ref).max()
     assert np.isfinite(np.asarray(full)).all() and err < 0.1, err
     cache = m16.init_cache(2, 12)
-    assert cache["k"].dtype == jnp.bfloat16
+    assert cache.k.dtype == jnp.bfloat16
     l1, cache = m16.step(tokens[:, :8], np.broadcast_to(np.arange(8, dtype=np.int32), (2, 8)), cache)
     outs = [np.asarray(l1)]
     for t in range(8, 12):
@@ -159,7 +160,8 @@ def test_bfloat16():
 def test_pytree_and_jit_reuse():
     m = _randomized(seed=7)
     leaves, treedef = jax.tree_util.tree_flatten(m)
-    assert len(leaves) == len(jax.tree_util.tree_leaves(m.params))
+    # per-layer storage: the model flattens to each layer's arrays (12 per GPT-2 layer) + 4 others
+    assert len(leaves) == 4 + 12 * CFG.n_layers
     m2 = jax.tree_util.tree_unflatten(treedef, [2 * x for x in leaves])
     assert isinstance(m2, GPT2) and m2.config == m.config
     traces = []
@@ -176,18 +178,18 @@ def test_pytree_and_jit_reuse():
 
 
 def test_init_124m_config_and_errors():
-    cfg = GPT2Config.gpt2_124m()
-    assert (cfg.vocab_size, cfg.n_positions, cfg.dim, cfg.n_layers, cfg.n_heads) == (
+    cfg = gpt2_config()
+    assert (cfg.vocab_size, cfg.max_seq_len, cfg.dim, cfg.n_layers, cfg.n_heads) == (
         50257, 1024, 768, 12, 12)
     shapes = jax.eval_shape(lambda k: GPT2.init(k, cfg), jax.random.key(0))
     n = sum(int(np.prod(a.shape)) for a in jax.tree_util.tree_leaves(shapes))
     assert n == 124_439_808  # GPT-2 small with a tied head
-    book = GPT2Config.from_dict({"vocab_size": 50257, "context_length": 256, "emb_dim": 768,
+    book = gpt2_config_from_dict({"vocab_size": 50257, "context_length": 256, "emb_dim": 768,
                                  "n_heads": 12, "n_layers": 12, "drop_rate": 0.1,
                                  "qkv_bias": False})
     assert book.max_seq_len == 256 and not book.tie_embeddings
     with pytest.raises(ValueError, match="divisible"):
-        GPT2Config(vocab_size=10, max_seq_len=8, dim=10, n_layers=1, n_heads=3)
+        gpt2_config(vocab_size=10, max_seq_len=8, dim=10, n_layers=1, n_heads=3)
     m = GPT2.init(jax.random.key(0), CFG, jnp.bfloat16)
     assert m.dtype == jnp.bfloat16
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -196,6 +198,6 @@ def test_init_124m_config_and_errors():
         m(np.zeros((1, CFG.max_seq_len + 1), np.int32))
     with pytest.raises(ValueError, match="dtype"):
         GPT2.init(jax.random.key(0), CFG, jnp.float16)
-    bad = dict(m.params, wte=np.zeros((3, 3), np.float32))
-    with pytest.raises(ValueError, match="wte"):
+    bad = dict(m.params, embed=np.zeros((3, 3), np.float32))
+    with pytest.raises(ValueError, match="embed"):
         GPT2.from_params(bad, CFG)

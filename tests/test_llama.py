@@ -133,7 +133,7 @@ def test_prefill_equals_step_at_the_last_positions(dtype):
     assert_close(cache.k.astype(jnp.float32), ref_cache.k.astype(jnp.float32), tol)
     assert_close(cache.v.astype(jnp.float32), ref_cache.v.astype(jnp.float32), tol)
     assert float(jnp.abs(cache.k[:, :, :, P:].astype(jnp.float32)).max()) == 0.0
-    with pytest.raises(ValueError, match="Llama.prefill: the prompt has 300 tokens but the cache holds 16"):
+    with pytest.raises(ValueError, match="Decoder.prefill: the prompt has 300 tokens but the cache holds 16"):
         model.prefill(tokens, model.init_cache(2, 16), last)
 
 
@@ -244,7 +244,7 @@ def test_init_and_config_validation():
 
 
 def test_decode_steps_do_not_recompile():
-    from jaxdecode.models import _llama
+    from jaxdecode.models import _decoder as _llama
 
     model, _ = make(seed=16)
     cache = model.init_cache(2, 40)

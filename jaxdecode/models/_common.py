@@ -20,6 +20,7 @@ __all__ = [
     "linear",
     "matmul",
     "rms_norm",
+    "norm",
     "rope_angles",
     "apply_rope",
     "attention",
@@ -180,6 +181,23 @@ def rms_norm(x, w, eps):
     return (y * w.astype(jnp.float32)).astype(w.dtype)
 
 
+def norm(x, w, b, kind: str, eps):
+    """The decoder's norms with float32 statistics, returned in the weight dtype: ``"rms"``
+    (``x / rms(x) * w``), ``"rms_plus_one"`` (Gemma: ``* (1 + w)``, in float32 before the cast,
+    as Hugging Face computes it) or ``"layer"`` (LayerNorm: ``(x - mean) / std * w + b``)."""
+    if kind == "rms":
+        return rms_norm(x, w, eps)
+    xf = x.astype(jnp.float32)
+    wf = w.astype(jnp.float32)
+    if kind == "rms_plus_one":
+        y = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+        return (y * (1.0 + wf)).astype(w.dtype)
+    mu = jnp.mean(xf, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(xf - mu), axis=-1, keepdims=True)
+    y = (xf - mu) * jax.lax.rsqrt(var + eps) * wf
+    return (y if b is None else y + b.astype(jnp.float32)).astype(w.dtype)
+
+
 def rope_angles(positions, head_dim: int, theta: float, freq_factors=None):
     """cos, sin of shape ``positions.shape + (head_dim // 2,)`` in float32. Frequency i is
     ``theta ** (-2i / head_dim) / freq_factors[i]`` (factors default to 1)."""
@@ -214,13 +232,15 @@ def apply_rope(x, cos, sin, layout: str):
     return out.astype(dtype)
 
 
-def attention(q, k, v, mask):
+def attention(q, k, v, mask, scale=None, softcap=None):
     """Grouped-query attention.
 
     q: [B, T, H, hd]; k, v: [B, KV, S, hd] (kv-head-major, the layout of the KV cache) with H a
     multiple of KV (query head h uses kv head h // (H // KV)); mask: bool, broadcastable to
     [B, T, S] (True = may attend; every query must be allowed at least one slot).
-    Returns [B, T, H * hd] in q's dtype. Scores and softmax are float32.
+    ``scale`` multiplies the scores (default ``1 / sqrt(hd)``); ``softcap`` c applies
+    ``c * tanh(s / c)`` to the scaled scores (Gemma 2). Returns [B, T, H * hd] in q's dtype.
+    Scores and softmax are float32.
     """
     B, T, H, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
@@ -229,7 +249,9 @@ def attention(q, k, v, mask):
     # batched shapes (it fails at run time), and attention is a small share of the work.
     qg = q.reshape(B, T, KV, G, hd).astype(jnp.float32)
     scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(jnp.float32))
-    scores = scores * (1.0 / math.sqrt(hd))
+    scores = scores * (1.0 / math.sqrt(hd) if scale is None else scale)
+    if softcap is not None:
+        scores = softcap * jnp.tanh(scores / softcap)
     m = jnp.broadcast_to(mask, (B, T, S))[:, None, None, :, :]
     scores = jnp.where(m, scores, -jnp.inf)
     scores = scores - jnp.max(scores, axis=-1, keepdims=True)
@@ -239,25 +261,31 @@ def attention(q, k, v, mask):
     return out.reshape(B, T, H * hd).astype(q.dtype)
 
 
-def causal_attention(q, k, v, block: int = 64):
+def causal_attention(q, k, v, block: int = 64, *, window=None, scale=None, softcap=None):
     """Causal grouped-query attention of a sequence over itself (positions 0..T-1), computed in
     query blocks: block i attends only to keys ``0 .. (i+1) * block - 1``, so the work above the
     diagonal is skipped (about half of it for long prompts) and each block's scores stay small
     enough to live in cache. Equal to :func:`attention` with a lower-triangular mask.
+    ``window`` (int, may be traced; 0 or None: none) limits query p to keys ``p - W < s <= p``.
 
     q: [B, T, H, hd]; k, v: [B, T, KV, hd] (token-major, as projected). Returns [B, T, H * hd].
     """
     B, T = q.shape[:2]
     if B > 1:  # XLA:CPU's batched dots lose ~3x at B x KV batches; rows are independent anyway
-        return jnp.concatenate([causal_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], block)
+        return jnp.concatenate([causal_attention(q[b:b + 1], k[b:b + 1], v[b:b + 1], block, window=window,
+                                                 scale=scale, softcap=softcap)
                                 for b in range(B)], axis=0)
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
     outs = []
     for start in range(0, T, block):
         stop = min(start + block, T)
         qpos = jnp.arange(start, stop, dtype=jnp.int32)[:, None]
-        mask = jnp.arange(stop, dtype=jnp.int32)[None, :] <= qpos  # [Tb, stop]
-        outs.append(attention(q[:, start:stop], kh[:, :, :stop], vh[:, :, :stop], mask[None]))
+        kpos = jnp.arange(stop, dtype=jnp.int32)[None, :]
+        mask = kpos <= qpos  # [Tb, stop]
+        if window is not None:
+            mask = mask & ((window == 0) | (kpos > qpos - window))
+        outs.append(attention(q[:, start:stop], kh[:, :, :stop], vh[:, :, :stop], mask[None],
+                              scale=scale, softcap=softcap))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
 
 

@@ -18,7 +18,7 @@ def first_layers(model: M, n_layers: int) -> M:
     ``n_layers / L`` of a target forward pass plus the head.
 
     Args:
-      model: a :class:`Llama` or :class:`GPT2` (layers stacked on a leading axis).
+      model: a :class:`Decoder` (any family).
       n_layers: 1 <= n_layers <= the model's layer count.
 
     Example:
@@ -31,13 +31,13 @@ def first_layers(model: M, n_layers: int) -> M:
     config = getattr(model, "config", None)
     total = getattr(config, "n_layers", None)
     if total is None or not isinstance(getattr(model, "params", None), dict) or "layers" not in model.params:
-        raise TypeError(f"first_layers: `model` must be a jaxdecode.models Llama or GPT2, got {type(model).__name__}.")
+        raise TypeError(f"first_layers: `model` must be a jaxdecode.models Decoder, got {type(model).__name__}.")
     if isinstance(n_layers, bool) or not isinstance(n_layers, int) or not 1 <= n_layers <= total:
         raise ValueError(f"first_layers: `n_layers` must be an int in [1, {total}] (the model's layer count), got {n_layers!r}.")
     params = dict(model.params)
     layers = model.params["layers"]
     per_layer = getattr(layers, "layers", None)
-    if per_layer is not None:  # a Llama LayerStack of per-layer buffers: keep them as they are
+    if per_layer is not None:  # a LayerStack of per-layer buffers: keep them as they are
         params["layers"] = type(layers)(per_layer[:n_layers])
     else:
         params["layers"] = jax.tree.map(lambda x: x[:n_layers], dict(layers))

@@ -1,7 +1,10 @@
-"""GGUF loader for Llama-architecture models (llama.cpp's file format), via ``gguf.GGUFReader``.
+"""GGUF loader (llama.cpp's file format) for every family of ``_families.py``, via
+``gguf.GGUFReader``; tensor names come from the ``gguf`` package's own tables.
 
-Tensors in F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantized with vectorized NumPy (other
-GGML types through ``gguf.quants.dequantize``) to float32, then cast to the requested dtype.
+Tensors in F32, F16, BF16, Q8_0, Q4_0 and Q4_1 are dequantized with vectorized NumPy (faster
+than ``gguf.quants``: measured in tests/test_gguf.py); every other type ``gguf.quants`` can
+dequantize (Q4_K, Q5_0, Q5_1, Q5_K, Q6_K, Q2_K, Q3_K, IQ*, TQ*) goes through
+``gguf.quants.dequantize``; all to float32, then cast to the requested dtype.
 
 GGML lists dimensions fastest-first, so a matrix with ``ne = [in, out]`` reads as a NumPy array
 of shape ``[out, in]`` (PyTorch's ``nn.Linear`` layout); it is transposed to the ``[in, out]``
@@ -13,31 +16,16 @@ interleaved-pair rotary embedding reproduces Hugging Face's rotate-half one, hen
 from __future__ import annotations
 
 import os
-import re
 from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
 
 from ._common import parse_dtype
-from ._llama import Llama, LlamaConfig, llama_param_shapes
 from ._tokenizer import Tokenizer
 
 __all__ = ["load_gguf", "read_gguf_metadata", "dequantize_tensor"]
 
-# GGUF tensor name -> (params key, transpose?)
-_LAYER_TENSORS = {
-    "attn_norm": ("attn_norm", False),
-    "attn_q": ("wq", True),
-    "attn_k": ("wk", True),
-    "attn_v": ("wv", True),
-    "attn_output": ("wo", True),
-    "ffn_norm": ("mlp_norm", False),
-    "ffn_gate": ("w_gate", True),
-    "ffn_up": ("w_up", True),
-    "ffn_down": ("w_down", True),
-}
-_BLK_RE = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.weight$")
 
 
 def _require_gguf():
@@ -181,22 +169,22 @@ def _metadata(reader, path):
     return meta
 
 
-def _config_from_metadata(meta, tensors, path, tokenizer):
-    arch = meta.get("general.architecture")
-    if arch != "llama":
-        raise ValueError(f"{path}: unsupported architecture general.architecture={arch!r} "
-                         "(this loader supports 'llama')")
+def _config_from_metadata(meta, tensors, path, tokenizer, family):
+    """DecoderConfig from the ``{arch}.*`` metadata keys llama.cpp writes, and the family's
+    switches (see ``_families.py``)."""
+    from ._families import finish_config
+
+    arch = family.gguf_arch
 
     def get(key, default=None, required=True):
-        v = meta.get(f"llama.{key}", default)
+        v = meta.get(f"{arch}.{key}", default)
         if v is None and required:
-            raise ValueError(f"{path}: missing metadata key 'llama.{key}'")
+            raise ValueError(f"{path}: missing metadata key '{arch}.{key}'")
         return v
 
     if "token_embd.weight" not in tensors:
         raise ValueError(f"{path}: missing tensor 'token_embd.weight'")
     embed_shape = [int(d) for d in reversed(tensors["token_embd.weight"].shape.tolist())]
-    vocab = embed_shape[0]
     dim = int(get("embedding_length"))
     n_heads = int(get("attention.head_count"))
     n_kv = get("attention.head_count_kv", n_heads)
@@ -205,37 +193,39 @@ def _config_from_metadata(meta, tensors, path, tokenizer):
             raise ValueError(f"{path}: per-layer head_count_kv {n_kv} is not supported")
         n_kv = n_kv[0]
     head_dim = int(get("attention.key_length", dim // n_heads))
-    rot = get("rope.dimension_count", head_dim)
-    if int(rot) != head_dim:
-        raise ValueError(f"{path}: partial rotary embeddings (rope.dimension_count={rot}, "
-                         f"head_dim={head_dim}) are not supported")
-    factors = None
-    scaling = get("rope.scaling.type", None, required=False)
-    if scaling not in (None, "none", "llama3"):
+    kw: dict[str, Any] = {}
+    if family.switches.get("positions") != "learned":
+        rot = get("rope.dimension_count", head_dim)
+        if int(rot) != head_dim:
+            raise ValueError(f"{path}: partial rotary embeddings (rope.dimension_count={rot}, "
+                             f"head_dim={head_dim}) are not supported")
+        scaling = get("rope.scaling.type", None, required=False)
         if scaling == "linear":
-            factors = (float(get("rope.scaling.factor")),) * (head_dim // 2)
-        else:
+            kw["rope_factor"] = float(get("rope.scaling.factor"))
+        elif scaling not in (None, "none", "llama3"):
             raise ValueError(f"{path}: rope scaling {scaling!r} is not supported")
-    if "rope_freqs.weight" in tensors:
-        factors = tuple(dequantize_tensor(tensors["rope_freqs.weight"]).reshape(-1).tolist())
-    eos = tokenizer.eos_ids if tokenizer is not None else ()
-    return LlamaConfig(
-        vocab_size=vocab,
-        dim=dim,
-        n_layers=int(get("block_count")),
-        n_heads=n_heads,
-        n_kv_heads=int(n_kv),
-        head_dim=head_dim,
-        hidden_dim=int(get("feed_forward_length")),
-        norm_eps=float(get("attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("rope.freq_base", 10000.0)),
-        rope_layout="interleaved",
+        if "rope_freqs.weight" in tensors:
+            kw["rope_freq_factors"] = tuple(dequantize_tensor(tensors["rope_freqs.weight"]).reshape(-1).tolist())
+        for t in ("rope_factors_long.weight", "rope_factors_short.weight"):
+            if t in tensors:
+                raise ValueError(f"{path}: LongRoPE ({t}) is not supported")
+        kw["rope_theta"] = float(get("rope.freq_base", 10000.0))
+        kw["rope_layout"] = family.gguf_rope_layout
+    eps = get("attention.layer_norm_rms_epsilon", None, required=False)
+    if eps is None:
+        eps = get("attention.layer_norm_epsilon", 1e-5)
+    kw.update(family.gguf_config(get))
+    if family.gguf_norm_offset:
+        kw["norm"] = "rms"  # the converter stored 1 + w
+    if "hidden_dim" not in kw:
+        kw["hidden_dim"] = int(get("feed_forward_length"))
+    return finish_config(family, dict(
+        vocab_size=embed_shape[0], dim=dim, n_layers=int(get("block_count")), n_heads=n_heads,
+        n_kv_heads=int(n_kv), head_dim=head_dim, norm_eps=float(eps),
         max_seq_len=int(get("context_length", 2048)),
         tie_embeddings="output.weight" not in tensors,
         bos_id=tokenizer.bos_id if tokenizer is not None else None,
-        eos_ids=eos,
-        rope_freq_factors=factors,
-    )
+        eos_ids=tokenizer.eos_ids if tokenizer is not None else (), **kw))
 
 
 # ---------------------------------------------------------------------- params
@@ -254,62 +244,59 @@ def _assemble(tensors, transpose: bool, shape, dtype, check):
     return jnp.asarray(out)
 
 
-def load_gguf(path, *, dtype=jnp.float32, with_tokenizer: bool = True):
-    """Loads a Llama-architecture GGUF file.
+_EXTRA_TENSORS = ("rope_freqs.weight",)
 
-    Returns ``(Llama, Tokenizer)`` (the tokenizer is built from the file's own metadata;
+
+def load_gguf(path, *, dtype=jnp.float32, with_tokenizer: bool = True):
+    """Loads a GGUF file of a supported architecture (``llama``, ``qwen2``, ``qwen3``, ``phi3``,
+    ``gemma3``, ``gpt2``; see ``_families.py``).
+
+    Returns ``(Decoder, Tokenizer)`` (the tokenizer is built from the file's own metadata;
     ``None`` when ``with_tokenizer=False``). ``dtype``: ``jnp.float32``/``jnp.bfloat16`` or
     "float32"/"bfloat16". Raises ValueError naming the file for truncated or corrupt files,
     unsupported architectures, or missing/unexpected tensors.
     """
+    from ._decoder import Decoder, param_shapes
+    from ._families import GGUF_ARCHS, GGUF_TENSORS, family_for_gguf
+
     dtype = parse_dtype(dtype)
     path = os.fspath(path)
     reader = _open(path)
     meta = _metadata(reader, path)
-    if meta.get("general.architecture") != "llama":
-        raise ValueError(f"{path}: unsupported architecture general.architecture="
-                         f"{meta.get('general.architecture')!r} (this loader supports 'llama')")
+    arch = meta.get("general.architecture")
+    family = family_for_gguf(arch)
+    if family is None:
+        raise ValueError(f"{path}: unsupported architecture general.architecture={arch!r} "
+                         f"(this loader supports {', '.join(repr(a) for a in GGUF_ARCHS)})")
     tokenizer = Tokenizer.from_gguf_metadata(meta, source=path) if with_tokenizer else None
     tensors = {t.name: t for t in reader.tensors}
-    cfg = _config_from_metadata(meta, tensors, path, tokenizer)
-    L = cfg.n_layers
-
-    # Group the per-layer tensors; every expected one must be there, nothing unknown.
-    per_layer: dict[str, list] = {k: [None] * L for k, _ in _LAYER_TENSORS.values()}
-    unknown = []
-    for name, t in tensors.items():
-        m = _BLK_RE.match(name)
-        if m and m.group(2) in _LAYER_TENSORS and int(m.group(1)) < L:
-            per_layer[_LAYER_TENSORS[m.group(2)][0]][int(m.group(1))] = t
-        elif name not in ("token_embd.weight", "output_norm.weight", "output.weight",
-                          "rope_freqs.weight"):
-            unknown.append(name)
+    cfg = _config_from_metadata(meta, tensors, path, tokenizer, family)
+    shapes = param_shapes(cfg)
+    names = {key: GGUF_TENSORS[key] for key in list(shapes) + list(shapes["layers"]) if key != "layers"}
+    expected = {names[k] for k in shapes if k != "layers"}
+    expected |= {names[k].format(i=i) for k in shapes["layers"] for i in range(cfg.n_layers)}
+    unknown = sorted(set(tensors) - expected - set(_EXTRA_TENSORS))
     if unknown:
-        raise ValueError(f"{path}: unexpected tensors for a llama model: {unknown[:8]}"
+        raise ValueError(f"{path}: unexpected tensors for a {arch} model: {unknown[:8]}"
                          + (" ..." if len(unknown) > 8 else ""))
-    missing = [f"blk.{i}.{g}.weight" for g, (k, _) in _LAYER_TENSORS.items()
-               for i in range(L) if per_layer[k][i] is None]
-    if "output_norm.weight" not in tensors:
-        missing.append("output_norm.weight")
+    missing = sorted(expected - set(tensors))
     if missing:
-        raise ValueError(f"{path}: missing tensors: {missing[:8]}"
-                         + (" ..." if len(missing) > 8 else ""))
+        raise ValueError(f"{path}: missing tensors: {missing[:8]}" + (" ..." if len(missing) > 8 else ""))
 
-    shapes = llama_param_shapes(cfg)
-
-    def check(arr, expected, what):
-        if tuple(arr.shape) != tuple(expected):
+    def check(arr, want, what):
+        if tuple(arr.shape) != tuple(want):
             raise ValueError(f"{path}: tensor {what} has shape {tuple(arr.shape)}, expected "
-                             f"{tuple(expected)} from the metadata")
+                             f"{tuple(want)} from the metadata")
         return arr
 
+    def is_matrix(key):  # GGML matrices read [out, in]; embedding tables are [rows, D] already
+        return len(shapes["layers"].get(key, shapes.get(key, ()))) >= 2 and key not in ("embed", "pos_embed")
+
     params: dict[str, Any] = {"layers": {}}
-    for key, transpose in _LAYER_TENSORS.values():
-        params["layers"][key] = _assemble(per_layer[key], transpose, shapes["layers"][key],
-                                          dtype, check)
-    params["embed"] = _assemble(tensors["token_embd.weight"], False, shapes["embed"], dtype, check)
-    params["norm"] = _assemble(tensors["output_norm.weight"], False, shapes["norm"], dtype, check)
-    if not cfg.tie_embeddings:
-        params["lm_head"] = _assemble(tensors["output.weight"], True, shapes["lm_head"], dtype,
-                                      check)
-    return Llama(params, cfg), tokenizer
+    for key, shape in shapes["layers"].items():
+        per_layer = [tensors[names[key].format(i=i)] for i in range(cfg.n_layers)]
+        params["layers"][key] = _assemble(per_layer, len(shape) == 3, shape, dtype, check)
+    for key, shape in shapes.items():
+        if key != "layers":
+            params[key] = _assemble(tensors[names[key]], is_matrix(key), shape, dtype, check)
+    return Decoder(params, cfg), tokenizer

@@ -1,15 +1,15 @@
 """Loads Hugging Face checkpoint folders (``config.json`` + ``*.safetensors`` [+ ``tokenizer.json``])
-into jaxdecode's GPT-2 and Llama models.
+into jaxdecode's :class:`~jaxdecode.models.Decoder`.
 
-Supported ``model_type``s: ``"gpt2"`` (``GPT2LMHeadModel`` / ``GPT2Model`` checkpoints) and
-``"llama"`` (``LlamaForCausalLM`` / ``LlamaModel``).
+Supported ``model_type``s: those of :data:`jaxdecode.models._families.FAMILIES` (``llama``,
+``mistral``, ``qwen2``, ``qwen3``, ``phi3``, ``gemma3_text``, ``gpt2``). Each family's config
+switches and tensor-name table live there; this module only reads files.
 
-Tensor names may carry the ``transformer.`` (GPT-2) or ``model.`` (Llama) prefix or none (the bare
-base-model checkpoints, e.g. ``openai-community/gpt2``). GPT-2's ``Conv1D`` weights are stored
-``[in, out]`` and are used as they are; ``nn.Linear`` weights (Llama, and GPT-2's untied
-``lm_head``) are ``[out, in]`` and are transposed to jaxdecode's ``[in, out]`` layout. Hugging Face
-Llama checkpoints use rotate-half rotary embeddings, so the Llama config gets
-``rope_layout="half"``.
+Tensor names may carry the family's prefix (``model.``, ``transformer.``) or none (bare
+base-model checkpoints, e.g. ``openai-community/gpt2``). ``Conv1D`` weights (GPT-2) are stored
+``[in, out]`` and used as they are; ``nn.Linear`` weights are ``[out, in]`` and are transposed
+to jaxdecode's ``[in, out]`` layout. Hugging Face checkpoints use rotate-half rotary embeddings
+(``rope_layout="half"``).
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ import numpy as np
 
 __all__ = ["load_hf_checkpoint", "SUPPORTED_MODEL_TYPES"]
 
-SUPPORTED_MODEL_TYPES = ("gpt2", "llama")
+from ._families import HF_MODEL_TYPES as SUPPORTED_MODEL_TYPES  # noqa: E402
 
 
 def _np_target_dtype(dtype):
@@ -178,81 +178,7 @@ def _unsupported(folder: Path, what: str):
     return ValueError(f"checkpoint {str(folder)!r}: {what} is not supported by jaxdecode")
 
 
-# --------------------------------------------------------------------------- GPT-2
-_GPT2_TANH_GELUS = ("gelu_new", "gelu_pytorch_tanh", "gelu_fast")
-
-
-def _load_gpt2(folder: Path, cfg: dict, dtype, stack: ExitStack):
-    from ._gpt2 import GPT2, GPT2Config
-
-    act = cfg.get("activation_function", "gelu_new")
-    if act in _GPT2_TANH_GELUS:
-        activation = "gelu_tanh"
-    elif act == "gelu":
-        activation = "gelu"
-    else:
-        raise _unsupported(folder, f"GPT-2 activation_function {act!r}")
-    if not cfg.get("scale_attn_weights", True):
-        raise _unsupported(folder, "scale_attn_weights=false")
-    if cfg.get("scale_attn_by_inverse_layer_idx", False):
-        raise _unsupported(folder, "scale_attn_by_inverse_layer_idx=true")
-    if cfg.get("add_cross_attention", False):
-        raise _unsupported(folder, "add_cross_attention=true")
-
-    gc = GPT2Config(
-        vocab_size=int(_cfg_get(cfg, folder, "vocab_size")),
-        max_seq_len=int(_cfg_get(cfg, folder, "n_positions", "n_ctx", "max_position_embeddings")),
-        dim=int(_cfg_get(cfg, folder, "n_embd", "hidden_size")),
-        n_layers=int(_cfg_get(cfg, folder, "n_layer", "num_hidden_layers")),
-        n_heads=int(_cfg_get(cfg, folder, "n_head", "num_attention_heads")),
-        norm_eps=float(cfg.get("layer_norm_epsilon", 1e-5)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", True)),
-        mlp_dim=cfg.get("n_inner"),
-        activation=activation,
-    )
-    t = _Tensors(folder, ("transformer.",), stack)
-    L, D, F, V, P = gc.n_layers, gc.dim, gc.ffn_dim, gc.vocab_size, gc.max_seq_len
-    h = "h.{}."
-    layers = {
-        "ln1_scale": t.stacked(h + "ln_1.weight", L, (D,), dtype),
-        "ln1_bias": t.stacked(h + "ln_1.bias", L, (D,), dtype),
-        "w_qkv": t.stacked(h + "attn.c_attn.weight", L, (D, 3 * D), dtype),
-        "b_qkv": t.stacked(h + "attn.c_attn.bias", L, (3 * D,), dtype),
-        "w_o": t.stacked(h + "attn.c_proj.weight", L, (D, D), dtype),
-        "b_o": t.stacked(h + "attn.c_proj.bias", L, (D,), dtype),
-        "ln2_scale": t.stacked(h + "ln_2.weight", L, (D,), dtype),
-        "ln2_bias": t.stacked(h + "ln_2.bias", L, (D,), dtype),
-        "w_fc": t.stacked(h + "mlp.c_fc.weight", L, (D, F), dtype),
-        "b_fc": t.stacked(h + "mlp.c_fc.bias", L, (F,), dtype),
-        "w_proj": t.stacked(h + "mlp.c_proj.weight", L, (F, D), dtype),
-        "b_proj": t.stacked(h + "mlp.c_proj.bias", L, (D,), dtype),
-    }
-    params = {
-        "wte": t.get("wte.weight", (V, D), dtype),
-        "wpe": t.get("wpe.weight", (P, D), dtype),
-        "layers": layers,
-        "ln_f_scale": t.get("ln_f.weight", (D,), dtype),
-        "ln_f_bias": t.get("ln_f.bias", (D,), dtype),
-    }
-    if not gc.tie_embeddings:
-        params["lm_head"] = t.get("lm_head.weight", (V, D), dtype).T  # nn.Linear: [out, in]
-    return GPT2.from_params(params, gc)
-
-
-# --------------------------------------------------------------------------- Llama
-def _llama_rope_theta(cfg: dict, folder: Path) -> float:
-    rp = cfg.get("rope_parameters") or {}  # transformers >= 5
-    rs = cfg.get("rope_scaling") or {}  # transformers 4.x
-    if isinstance(rp, dict) and rp and not ("rope_type" in rp or "rope_theta" in rp):
-        rp = {}  # per-layer-type dict (not used by Llama)
-    rope_type = rp.get("rope_type", rp.get("type")) or rs.get("rope_type", rs.get("type")) \
-        or "default"
-    if rope_type != "default":
-        raise _unsupported(folder, f"rope scaling type {rope_type!r} (only plain RoPE)")
-    theta = rp.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    return float(theta)
-
-
+# --------------------------------------------------------------------------- families
 def _token_ids(v) -> tuple:
     if v is None:
         return ()
@@ -261,66 +187,75 @@ def _token_ids(v) -> tuple:
     return (int(v),)
 
 
-def _load_llama(folder: Path, cfg: dict, dtype, stack: ExitStack):
-    from ._llama import Llama, LlamaConfig
+def _hf_config(folder: Path, cfg: dict, family) -> "DecoderConfig":
+    """config.json -> DecoderConfig: the shape keys every family shares (under either naming
+    scheme), then the family's own switches."""
+    from ._families import _layer_types, _plain_rope, finish_config
 
-    act = cfg.get("hidden_act", "silu")
-    if act not in ("silu", "swish"):
-        raise _unsupported(folder, f"Llama hidden_act {act!r} (only silu)")
-    if cfg.get("attention_bias", False):
-        raise _unsupported(folder, "attention_bias=true")
-    if cfg.get("mlp_bias", False):
-        raise _unsupported(folder, "mlp_bias=true")
-
-    n_heads = int(_cfg_get(cfg, folder, "num_attention_heads"))
-    dim = int(_cfg_get(cfg, folder, "hidden_size"))
+    get = lambda *names, default=KeyError: _cfg_get(cfg, folder, *names, default=default)  # noqa: E731
+    n_heads = int(get("num_attention_heads", "n_head"))
+    dim = int(get("hidden_size", "n_embd"))
+    n_layers = int(get("num_hidden_layers", "n_layer"))
     bos = _token_ids(cfg.get("bos_token_id"))
-    lc = LlamaConfig(
-        vocab_size=int(_cfg_get(cfg, folder, "vocab_size")),
-        dim=dim,
-        n_layers=int(_cfg_get(cfg, folder, "num_hidden_layers")),
-        n_heads=n_heads,
-        n_kv_heads=int(_cfg_get(cfg, folder, "num_key_value_heads", default=n_heads)),
-        head_dim=int(_cfg_get(cfg, folder, "head_dim", default=dim // n_heads)),
-        hidden_dim=int(_cfg_get(cfg, folder, "intermediate_size")),
-        norm_eps=float(_cfg_get(cfg, folder, "rms_norm_eps", default=1e-6)),
-        rope_theta=_llama_rope_theta(cfg, folder),
-        rope_layout="half",
-        max_seq_len=int(_cfg_get(cfg, folder, "max_position_embeddings", default=2048)),
-        tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-        bos_id=bos[0] if bos else None,
-        eos_ids=_token_ids(cfg.get("eos_token_id")),
+    kw = dict(
+        vocab_size=int(get("vocab_size")), dim=dim, n_layers=n_layers, n_heads=n_heads,
+        n_kv_heads=int(get("num_key_value_heads", default=n_heads)),
+        head_dim=int(get("head_dim", default=dim // n_heads)),
+        hidden_dim=int(get("intermediate_size", "n_inner", default=0) or 0) or None,
+        norm_eps=float(get("rms_norm_eps", "layer_norm_epsilon", "layer_norm_eps", default=1e-6)),
+        max_seq_len=int(get("max_position_embeddings", "n_positions", "n_ctx", default=2048)),
+        tie_embeddings=bool(cfg.get("tie_word_embeddings", family.switches.get("tie_embeddings", False))),
+        bos_id=bos[0] if bos else None, eos_ids=_token_ids(cfg.get("eos_token_id")),
+        layer_types=_layer_types(cfg, n_layers),
     )
-    t = _Tensors(folder, ("model.",), stack)
-    L, D, V, F = lc.n_layers, lc.dim, lc.vocab_size, lc.hidden_dim
-    Hd, KVd = lc.n_heads * lc.head_dim, lc.n_kv_heads * lc.head_dim
-    p = "layers.{}."
-
-    def lin(fmt, out_dim, in_dim):  # nn.Linear [out, in] -> [L, in, out]
-        return t.stacked(p + fmt, L, (out_dim, in_dim), dtype, transpose=True)
-
-    layers = {
-        "attn_norm": t.stacked(p + "input_layernorm.weight", L, (D,), dtype),
-        "wq": lin("self_attn.q_proj.weight", Hd, D),
-        "wk": lin("self_attn.k_proj.weight", KVd, D),
-        "wv": lin("self_attn.v_proj.weight", KVd, D),
-        "wo": lin("self_attn.o_proj.weight", D, Hd),
-        "mlp_norm": t.stacked(p + "post_attention_layernorm.weight", L, (D,), dtype),
-        "w_gate": lin("mlp.gate_proj.weight", F, D),
-        "w_up": lin("mlp.up_proj.weight", F, D),
-        "w_down": lin("mlp.down_proj.weight", D, F),
-    }
-    params = {
-        "embed": t.get("embed_tokens.weight", (V, D), dtype),
-        "layers": layers,
-        "norm": t.get("norm.weight", (D,), dtype),
-    }
-    if not lc.tie_embeddings:
-        params["lm_head"] = np.ascontiguousarray(t.get("lm_head.weight", (V, D), dtype).T)
-    return Llama.from_params(params, lc)
+    try:
+        if family.switches.get("positions") != "learned":
+            rope = _plain_rope(cfg, family.name)
+            kw["rope_theta"], kw["rope_factor"] = rope["rope_theta"], rope.get("rope_factor")
+        kw.update(family.hf_config(cfg))
+    except (ValueError, KeyError) as e:
+        raise _unsupported(folder, str(e).strip("'")) from e
+    if kw["layer_types"] is not None and "sliding" in kw["layer_types"] and not kw.get("sliding_window"):
+        kw["sliding_window"] = cfg.get("sliding_window")
+    if kw["layer_types"] is not None and not kw.get("sliding_window"):
+        kw["layer_types"] = None  # all full
+    if family.name == "gpt2" and kw["hidden_dim"] is None:
+        kw["hidden_dim"] = 4 * dim
+    return finish_config(family, kw)
 
 
-_LOADERS: dict[str, Callable] = {"gpt2": _load_gpt2, "llama": _load_llama}
+def _load_family(folder: Path, cfg: dict, family, dtype, stack: ExitStack):
+    """Reads every parameter the config needs through the family's name table."""
+    from ._decoder import Decoder, param_shapes
+
+    dc = _hf_config(folder, cfg, family)
+    t = _Tensors(folder, family.hf_prefix, stack)
+    shapes = param_shapes(dc)
+
+    def read(key, shape):
+        name, kind = family.hf_names[key]
+        stored = tuple(shape[::-1]) if kind == "linear" else tuple(shape)
+        a = t.get(name, stored, dtype)
+        return np.ascontiguousarray(a.T) if kind == "linear" else a
+
+    params: dict = {}
+    for key, shape in shapes.items():
+        if key == "layers":
+            continue
+        params[key] = read(key, shape)
+    layers = {}
+    for key, shape in shapes["layers"].items():
+        first = None
+        for i in range(dc.n_layers):
+            name, kind = family.hf_names[key]
+            stored = tuple(shape[1:][::-1]) if kind == "linear" else tuple(shape[1:])
+            a = t.get(name.format(i=i), stored, dtype)
+            if first is None:
+                first = np.empty(shape, dtype)
+            first[i] = a.T if kind == "linear" else a
+        layers[key] = first
+    params["layers"] = layers
+    return Decoder.from_params(params, dc)
 
 
 # --------------------------------------------------------------------------- entry point
@@ -334,7 +269,7 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, load_tokenizer: bool = True):
       load_tokenizer: read ``tokenizer.json`` when present.
 
     Returns:
-      ``(model, tokenizer)``: a ``GPT2`` or ``Llama`` model, and a
+      ``(model, tokenizer)``: a :class:`~jaxdecode.models.Decoder`, and a
       ``jaxdecode.models._tokenizer.Tokenizer`` (``None`` when the folder has no tokenizer.json
       or ``load_tokenizer`` is false).
 
@@ -357,14 +292,17 @@ def load_hf_checkpoint(path, *, dtype=jnp.float32, load_tokenizer: bool = True):
         raise ValueError(f"cannot parse {str(cfg_path)!r}: {e}") from e
     if not isinstance(cfg, dict):
         raise ValueError(f"{str(cfg_path)!r} does not hold a JSON object")
+    from ._families import family_for_hf
+
     model_type = cfg.get("model_type")
-    if model_type not in _LOADERS:
+    family = family_for_hf(model_type)
+    if family is None:
         raise ValueError(f"checkpoint folder {str(folder)!r} has model_type {model_type!r}, which "
                          f"jaxdecode cannot load; supported model types: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
     np_dtype = _np_target_dtype(dtype)
     with ExitStack() as stack:
-        model = _LOADERS[model_type](folder, cfg, np_dtype, stack)
+        model = _load_family(folder, cfg, family, np_dtype, stack)
 
     tokenizer = None
     tok_path = folder / "tokenizer.json"

