@@ -255,10 +255,16 @@ def _gguf_none(get) -> dict:
 def _gguf_gemma3(get) -> dict:
     dim = int(get("embedding_length"))
     head_dim = int(get("attention.key_length", dim // int(get("attention.head_count"))))
-    return {"embed_scale": math.sqrt(dim), "attn_scale": head_dim ** -0.5,
-            # llama.cpp's fixed values for Gemma 3 (not stored in its files)
+    scale = get("attention.scale", None, required=False)  # llama.cpp: 1 / sqrt(head_dim) unless stored
+    pattern = get("attention.sliding_window_pattern", 6, required=False)  # llama.cpp's default: 6
+    out = {}
+    if isinstance(pattern, list):  # per layer: true = sliding
+        out["layer_types"] = tuple("sliding" if p else "full" for p in pattern)
+        pattern = None
+    return {**out, "embed_scale": math.sqrt(dim), "attn_scale": float(scale) if scale else head_dim ** -0.5,
+            # llama.cpp's fixed local rope base for Gemma 3 (not stored in its files)
             "rope_local_theta": 10000.0, "sliding_window": int(get("attention.sliding_window")),
-            "pattern": 6,
+            "pattern": pattern,
             "attn_softcap": get("attn_logit_softcapping", None, required=False),
             "final_softcap": get("final_logit_softcapping", None, required=False)}
 
