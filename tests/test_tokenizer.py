@@ -125,13 +125,15 @@ def _spm_metadata():
 
 def test_sentencepiece_style_vocabulary():
     sp = Tokenizer.from_gguf_metadata(_spm_metadata())
-    ids = sp.encode("hello world")
+    ids = sp.encode("hello world", add_bos=False)
     assert [sp.id_to_token(i) for i in ids] == ["\u2581hello", "\u2581world"]
     assert sp.decode(ids) == "hello world"
-    assert sp.add_bos_token and sp.encode("hello", add_bos=True)[0] == 1
+    # add_bos_token (SentencePiece GGUFs default to it): encode prepends BOS once
+    assert sp.add_bos_token and sp.encode("hello world") == [1] + ids
+    assert sp.encode(sp.id_to_token(1) + "hello world") == [1] + ids
     assert sp.eos_ids == (2,)
     # characters outside the vocabulary fall back to their UTF-8 bytes
-    ids = sp.encode("hé")
+    ids = sp.encode("hé", add_bos=False)
     assert [sp.id_to_token(i) for i in ids] == ["\u2581", "h", "<0xC3>", "<0xA9>"]
     assert sp.decode(ids) == "hé"
     dec = sp.incremental_decoder()

@@ -60,8 +60,7 @@ class Tokenizer:
     """Text <-> token ids.
 
     Attributes: ``bos_id`` (int or None), ``eos_ids`` (tuple of ints: generation stops at any),
-    ``add_bos_token`` (whether the model expects BOS before a prompt; ``encode`` adds it only
-    when asked), ``chat_template`` (Jinja source or None), ``vocab_size``, and ``backend`` (the
+    ``add_bos_token`` (whether the model expects BOS before a prompt; ``encode`` adds it then), ``chat_template`` (Jinja source or None), ``vocab_size``, and ``backend`` (the
     ``tokenizers.Tokenizer``).
     """
 
@@ -89,11 +88,15 @@ class Tokenizer:
     def id_to_token(self, i: int) -> str | None:
         return self.backend.id_to_token(int(i))
 
-    def encode(self, text: str, *, add_bos: bool = False) -> list[int]:
+    def encode(self, text: str, *, add_bos: bool | None = None) -> list[int]:
         """Token ids of ``text`` (special tokens written in the text, like ``<|im_start|>``, map
-        to their ids). No BOS unless ``add_bos=True``."""
+        to their ids). BOS is prepended when ``add_bos`` (default: the model's
+        ``add_bos_token``, as Hugging Face tokenizers do; Gemma needs it) and the text does not
+        already start with it (chat templates often write it)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
-        if add_bos and self.bos_id is not None:
+        if add_bos is None:
+            add_bos = self.add_bos_token
+        if add_bos and self.bos_id is not None and ids[:1] != [self.bos_id]:
             ids = [self.bos_id] + ids
         return ids
 
@@ -232,7 +235,9 @@ class Tokenizer:
                                       meta.get("tokenizer.ggml.pre"), source)
             add_bos_default = False
         elif model == "llama":
-            backend = _sentencepiece_bpe(tokens, types, meta.get("tokenizer.ggml.scores"), source)
+            prefix = meta.get("tokenizer.ggml.add_space_prefix")
+            backend = _sentencepiece_bpe(tokens, types, meta.get("tokenizer.ggml.scores"), source,
+                                         add_space_prefix=True if prefix is None else bool(prefix))
             add_bos_default = True
         else:
             raise ValueError(f"{source}: unsupported tokenizer model {model!r} "
@@ -361,9 +366,11 @@ def _byte_level_bpe(tokens, types, merges, pre, source):
     return backend
 
 
-def _sentencepiece_bpe(tokens, types, scores, source):
+def _sentencepiece_bpe(tokens, types, scores, source, add_space_prefix=True):
     """A llama-style SentencePiece BPE vocabulary as a ``tokenizers`` BPE with byte fallback
-    (merge priority from the token scores, as Hugging Face's converter does)."""
+    (merge priority from the token scores, as Hugging Face's converter does). Gemma's
+    vocabularies set ``add_space_prefix`` false: no "▁" before the text (and none
+    stripped when decoding)."""
     tk = _require_tokenizers()
     from tokenizers import decoders, models, normalizers
 
@@ -385,10 +392,11 @@ def _sentencepiece_bpe(tokens, types, scores, source):
     bpe = models.BPE(vocab=vocab, merges=[(m[3], m[4]) for m in merges], unk_token=unk,
                      fuse_unk=True, byte_fallback=True)
     backend = tk.Tokenizer(bpe)
-    backend.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"),
-                                               normalizers.Replace(" ", "\u2581")])
+    prefix = [normalizers.Prepend("\u2581")] if add_space_prefix else []
+    backend.normalizer = normalizers.Sequence(prefix + [normalizers.Replace(" ", "\u2581")])
+    strip = [decoders.Strip(" ", 1, 0)] if add_space_prefix else []
     backend.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(),
-                                         decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+                                         decoders.Fuse()] + strip)
     special, user = _special_tokens(tokens, types)
     if special:
         backend.add_special_tokens(special)
