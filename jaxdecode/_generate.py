@@ -475,10 +475,12 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingP
     V.check_at_most(fn, "top_logprobs", num_top, vocab, "the vocabulary size")
     V.check_prompt_ids(fn, prompt, lengths, vocab)
     pad = V.check_token_id(fn, "pad_id", pad_id, vocab)
-    resolved = S.resolve(fn, sampling, b, vocab, M.default_eos_ids(model))
+    # A model that declares no EOS ids stops at its constraints' EOS ids (the tokenizer's).
+    tables = C.stack_constraints(fn, constraint, b0, vocab, repeat=ns)
+    default_eos = M.default_eos_ids(model) or tuple(sorted(C.eos_ids_of(constraint)))
+    resolved = S.resolve(fn, sampling, b, vocab, default_eos)
     keys = V.row_keys(fn, key, sampling.temperature, b)
     procs = _check_processors(fn, processors)
-    tables = C.stack_constraints(fn, constraint, b0, vocab, repeat=ns)
     if tables is not None:
         _check_constraint_eos(fn, constraint, resolved)
     tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)),

@@ -382,3 +382,32 @@ def test_default_model_dozen_schemas_one_call():
             done += 1
             jsonschema.validate(json.loads(tok.decode([i for i in ids if i not in tok.eos_ids])), s)
     assert done >= 9, done
+
+
+def test_model_without_eos_stops_at_the_constraints_eos(person):
+    """A model that declares no EOS ids (the fake models) stops at the constraint's EOS."""
+    out = jaxdecode.generate(MODEL, np.array([[5]], np.int32), 40, temperature=0.0, constraint=person)
+    ids = generated(out, [1], 0)
+    assert ids[-1] == 0 and out.complete.tolist() == [True]
+    jsonschema.validate(json.loads(text(ids)), PERSON)
+
+
+@pytest.mark.slow
+def test_cli_choice_json_schema_and_errors(capsys, tmp_path, monkeypatch):
+    from jaxdecode import _cli
+    monkeypatch.setenv("JAXDECODE_CACHE_DIR", str(tmp_path / "xla"))
+    code = _cli.main(["Is the sky blue? Answer yes or no.", "--chat", "--choice", "yes,no", "--max-new-tokens", "4",
+                      "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["completions"][0]["text"] in ("yes", "no")
+    assert data["completions"][0]["finish_reason"] == "stop"
+    schema = tmp_path / "schema.json"
+    schema.write_text(json.dumps(PERSON))
+    code = _cli.main(["Alice is 31.", "--chat", "--json-schema", str(schema), "--max-new-tokens", "32", "--json"])
+    data = json.loads(capsys.readouterr().out)
+    assert code == 0 and data["completions"][0]["finish_reason"] == "stop"
+    jsonschema.validate(json.loads(data["completions"][0]["text"]), PERSON)
+    assert _cli.main(["x", "--regex", "(a"]) == 2
+    assert "`pattern` '(a' is not a valid regular expression" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        _cli.main(["x", "--regex", "a", "--choice", "a,b"])  # one constraint at a time
