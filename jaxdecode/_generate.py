@@ -22,7 +22,8 @@ Design (see ``docs/CONTRACTS.md`` for the two model protocols):
   the prompt content, ``prompt_lengths`` and the model's array leaves (its params).
 * Each step: repetition penalty (prompt + generated tokens) -> frequency/presence penalties
   (generated tokens) -> logit bias -> EOS ban before ``min_new_tokens`` -> user processors ->
-  :func:`jaxdecode._sampling.draw` with one uniform per row, ``uniform(fold_in(row_key, step))``.
+  the ``constraint=`` mask (:mod:`jaxdecode._structured`: the row's automaton state, advanced
+  by the previous token, in the carry) -> :func:`jaxdecode._sampling.draw` with one uniform per row, ``uniform(fold_in(row_key, step))``.
   Then the token is written, finished rows (EOS or stop sequence) are marked, and the model
   is run for the next token's logits, skipped by ``lax.cond`` once every row is done.
 """
