@@ -39,6 +39,11 @@ from ._processors import no_repeat_ngram as no_repeat_ngram
 from ._processors import penalties as penalties
 from ._processors import repetition_penalty as repetition_penalty
 
+from ._structured import Constraint as Constraint
+from ._structured import choice as choice
+from ._structured import json_schema as json_schema
+from ._structured import regex as regex
+
 from ._beam import BeamSearchOutput as BeamSearchOutput
 from ._beam import beam_search as beam_search
 

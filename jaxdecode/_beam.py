@@ -209,6 +209,7 @@ def beam_search(
     prompt_lengths: Any = None,
     pad_id: int = 0,
     top_logprobs: int = 0,
+    constraint: Any = None,
 ) -> BeamSearchOutput:
     """Beam search, compiled once per shape.
 
@@ -231,6 +232,8 @@ def beam_search(
       top_logprobs: n >= 0, static: also return the n most likely tokens and their
         log-probabilities at each step of each hypothesis (as the OpenAI API's
         ``top_logprobs``).
+      constraint: not supported (structured output is :func:`jaxdecode.generate`'s); anything
+        but None is a ValueError.
 
     Returns:
       :class:`BeamSearchOutput`, hypotheses best first.
@@ -246,6 +249,9 @@ def beam_search(
       [0, 1, 0]
     """
     fn = "jaxdecode.beam_search"
+    if constraint is not None:
+        raise ValueError(f"{fn}: `constraint` is not supported by beam search; use jaxdecode.generate(..., "
+                         f"constraint=...) (greedy with temperature=0, or sampled).")
     sp = S.from_keywords(fn, sampling, eos_id=eos_id)
     S.check_supported(fn, sp, ("eos_id",), "by beam search (it is deterministic)")
     n = V.check_count(fn, "max_new_tokens", max_new_tokens, 1)

@@ -41,7 +41,38 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--system", default=None, help="system message for --chat")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--chunk-size", type=int, default=8, help="tokens per streamed chunk (default 8)")
+    _add_structured_flags(p)
     return p
+
+
+# -- structured output (jaxdecode.json_schema / regex / choice) -------------------------
+
+
+def _add_structured_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--json-schema", default=None, metavar="FILE_OR_JSON",
+                   help="constrain the output to JSON valid under this schema (a file, or the schema's JSON text)")
+    g.add_argument("--regex", default=None, help="constrain the output to a full match of this regular expression")
+    g.add_argument("--choice", default=None, metavar="A,B,C", help="constrain the output to one of these comma-separated strings")
+
+
+def _constraint(args: argparse.Namespace, tokenizer):
+    """The constraint the flags ask for (None without one); raises ValueError / ImportError."""
+    import os
+
+    import jaxdecode
+
+    if args.json_schema is not None:
+        source = args.json_schema
+        if os.path.isfile(source):
+            with open(source, encoding="utf-8") as f:
+                source = f.read()
+        return jaxdecode.json_schema(source, tokenizer)
+    if args.regex is not None:
+        return jaxdecode.regex(args.regex, tokenizer)
+    if args.choice is not None:
+        return jaxdecode.choice([c for c in args.choice.split(",") if c], tokenizer)
+    return None
 
 
 def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -103,6 +134,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if max_len is not None and len(ids) + args.max_new_tokens > max_len:
         print(f"jaxdecode: prompt ({len(ids)} tokens) + --max-new-tokens ({args.max_new_tokens}) exceeds the model's context ({max_len})", file=sys.stderr)
         return 2
+    try:
+        constraint = _constraint(args, tokenizer)
+    except (ValueError, TypeError, ImportError, OSError) as e:
+        print(f"jaxdecode: {e}", file=sys.stderr)
+        return 2
     n = args.num_samples
     batch = jnp.asarray([ids], jnp.int32)  # one prefill; num_samples broadcasts its cache
     eos = list(tokenizer.eos_ids) or None
@@ -122,6 +158,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             eos_id=eos if eos else (),
         ),
         num_samples=n,
+        constraint=constraint,
     )
     live = not args.json and n == 1
     decoders = [tokenizer.incremental_decoder() for _ in range(n)]

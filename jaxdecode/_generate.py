@@ -22,7 +22,8 @@ Design (see ``docs/CONTRACTS.md`` for the two model protocols):
   the prompt content, ``prompt_lengths`` and the model's array leaves (its params).
 * Each step: repetition penalty (prompt + generated tokens) -> frequency/presence penalties
   (generated tokens) -> logit bias -> EOS ban before ``min_new_tokens`` -> user processors ->
-  :func:`jaxdecode._sampling.draw` with one uniform per row, ``uniform(fold_in(row_key, step))``.
+  the ``constraint=`` mask (:mod:`jaxdecode._structured`: the row's automaton state, advanced
+  by the previous token, in the carry) -> :func:`jaxdecode._sampling.draw` with one uniform per row, ``uniform(fold_in(row_key, step))``.
   Then the token is written, finished rows (EOS or stop sequence) are marked, and the model
   is run for the next token's logits, skipped by ``lax.cond`` once every row is done.
 """
@@ -39,6 +40,7 @@ from jax import lax
 
 from . import _model as M
 from . import _settings as S
+from . import _structured as C
 from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
@@ -83,6 +85,10 @@ class GenerateOutput(NamedTuple):
       rounds, proposed, accepted: with ``speculative=``, the acceptance statistics of
         :class:`jaxdecode.SpeculativeOutput` (verification rounds int32[]; draft tokens
         proposed and accepted per row, int32[B]); None otherwise.
+      complete: with ``constraint=``: bool[B], whether the row's generated text is a complete
+        match of its constraint (True for unconstrained rows). A constrained row that ends
+        with EOS is always complete; False means ``max_new_tokens`` (or a stop sequence) cut
+        it off before the text was valid. None without ``constraint``.
     """
 
     tokens: jax.Array
@@ -95,6 +101,7 @@ class GenerateOutput(NamedTuple):
     rounds: jax.Array | None = None
     proposed: jax.Array | None = None
     accepted: jax.Array | None = None
+    complete: jax.Array | None = None
 
 
 class StreamChunk(NamedTuple):
@@ -104,11 +111,14 @@ class StreamChunk(NamedTuple):
       tokens: int32[B, c]. The tokens generated in these steps (``pad_id`` for finished rows).
       logprobs: float32[B, c]. As :attr:`GenerateOutput.logprobs` for these steps.
       done: bool[B]. Whether each row has finished (EOS / stop sequence) by the chunk's end.
+      complete: with ``constraint=``: bool[B], whether each row's text so far is a complete
+        match of its constraint (as :attr:`GenerateOutput.complete`); None otherwise.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     done: jax.Array
+    complete: jax.Array | None = None
 
 
 class LoopState(NamedTuple):
@@ -123,6 +133,8 @@ class LoopState(NamedTuple):
         length (prompt, then generated tokens, ``pad_id`` after), token counts, prompt mask,
         step (tokens generated so far per row, the output's ``num_generated``), previous token.
       proc_state: the user processors' state pytree (``()`` when there are none).
+      constraint: the automata of ``constraint=`` (one int32 state per row,
+        :class:`jaxdecode._structured.ConstraintState`; ``()`` without constraints).
     """
 
     done: jax.Array
@@ -130,6 +142,7 @@ class LoopState(NamedTuple):
     cache: Any
     context: DecodeContext
     proc_state: Any
+    constraint: Any = ()
 
 
 class _Traced(NamedTuple):
@@ -139,6 +152,7 @@ class _Traced(NamedTuple):
     sampling: S.Resolved
     pad_id: jax.Array  # int32[]
     max_new: jax.Array  # int32[]: the real max_new_tokens (the scan may run a longer bucket)
+    constraint: Any = None  # _structured.ConstraintTables (padded to size buckets) or None
 
 
 class _StepOut(NamedTuple):
@@ -202,6 +216,7 @@ def _init(cfg: _Config, model, prompt, prompt_lengths, tr: _Traced) -> LoopState
         cache=cache,
         context=ctx,
         proc_state=proc_state,
+        constraint=() if tr.constraint is None else C.init_state(ctx),
     )
 
 
@@ -249,8 +264,10 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
     idle = jnp.all(state.done) | (i >= n)
 
     def sample(operand):
-        raw, ctx, proc_state = operand
+        raw, ctx, (proc_state, c_state) = operand
         logits, proc_state = _process_logits(cfg, sp, raw, ctx, proc_state)
+        if tr.constraint is not None:  # last: the draw renormalises over the allowed tokens
+            logits, c_state = C.apply(tr.constraint, logits, c_state, ctx)
         u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(tr.keys)
         ids, lp = draw(u, logits, sp.knobs)
         raw_all = jax.nn.log_softmax(raw, axis=-1)
@@ -259,7 +276,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
         if cfg.num_top:  # barrier: keeps XLA:CPU's fast TopK (see _sampling._candidate_draw)
             top_lp, top_ids = lax.optimization_barrier(lax.top_k(raw_all, cfg.num_top))
             top = (top_ids.astype(jnp.int32), top_lp)
-        return ids, lp, raw_lp, top, proc_state
+        return ids, lp, raw_lp, top, (proc_state, c_state)
 
     def no_sample(operand):
         zero = jnp.zeros((b,), jnp.float32)
@@ -268,8 +285,8 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
             top = (jnp.zeros((b, cfg.num_top), jnp.int32), jnp.zeros((b, cfg.num_top), jnp.float32))
         return jnp.zeros((b,), jnp.int32), zero, zero, top, operand[2]
 
-    ids, lp, raw_lp, top, proc_state = lax.cond(
-        idle, no_sample, sample, (state.logits, state.context, state.proc_state))
+    ids, lp, raw_lp, top, (proc_state, c_state) = lax.cond(
+        idle, no_sample, sample, (state.logits, state.context, (state.proc_state, state.constraint)))
     active = ~state.done & (i < n)
 
     ctx = state.context.advance(ids, active)
@@ -292,7 +309,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
 
     need = ~jnp.all(done) & (i < n - 1)
     next_logits, cache = lax.cond(need, run_model, skip_model, (ctx.tokens, ctx.lengths, ids, state.cache, state.logits))
-    new = LoopState(done, next_logits, cache, ctx, proc_state)
+    new = LoopState(done, next_logits, cache, ctx, proc_state, c_state)
     out = _StepOut(
         jnp.where(active, ids, tr.pad_id).astype(jnp.int32),
         jnp.where(active, lp, 0.0).astype(jnp.float32),
@@ -342,7 +359,14 @@ def _generate_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, tr: _Trace
         num_generated=state.context.step,
         top_ids=top[0] if n_top else None,
         top_logprobs=top[1] if n_top else None,
+        complete=_complete(tr, state),
     )
+
+
+def _complete(tr: _Traced, state: LoopState):
+    if tr.constraint is None:
+        return None
+    return C.complete(tr.constraint, state.constraint, state.context)
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -356,7 +380,7 @@ def _stream_chunk_jit(cfg: _Config, chunk: int, model_arrays, tr: _Traced, state
     steps = start + jnp.arange(chunk, dtype=jnp.int32)
     state, ys = _run_steps(cfg, model, tr, state, steps)
     # `done` is returned on its own: the state's buffers are donated to the next chunk.
-    return state, ys.tokens.T, ys.logprobs.T, state.done
+    return state, ys.tokens.T, ys.logprobs.T, state.done, _complete(tr, state)
 
 
 # ---------------------------------------------------------------------------------------
@@ -399,8 +423,23 @@ def _check_processors(fn: str, processors: Any) -> Any:
     return M._Static(procs) if procs else None
 
 
+def _check_constraint_eos(fn: str, constraint: Any, resolved: S.Resolved) -> None:
+    """A constrained row ends with one of its constraint's EOS ids: they must stop the row."""
+    need = C.eos_ids_of(constraint)
+    if not need:
+        return
+    eos = resolved.eos_ids
+    if eos is not None and not V.is_concrete(eos):
+        return
+    have = set() if eos is None else {int(e) for e in np.asarray(eos).reshape(-1)}
+    if not need <= have:
+        raise ValueError(f"{fn}: the constraint's EOS ids {sorted(need)} are not all among the EOS ids that stop "
+                         f"a row ({sorted(have)}); a completed row could never stop. Pass eos_id= including them "
+                         f"(or build the constraint with matching eos_ids=).")
+
+
 def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingParams, prompt_lengths,
-             context_size, pad_id, processors, num_samples=1, top_logprobs=0):
+             context_size, pad_id, processors, num_samples=1, top_logprobs=0, constraint=None):
     """Every eager check, then the static config and the traced arguments of the loop."""
     n = V.check_count(fn, "max_new_tokens", max_new_tokens, 1)
     ns = V.check_count(fn, "num_samples", num_samples, 1)
@@ -437,10 +476,16 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingP
     V.check_at_most(fn, "top_logprobs", num_top, vocab, "the vocabulary size")
     V.check_prompt_ids(fn, prompt, lengths, vocab)
     pad = V.check_token_id(fn, "pad_id", pad_id, vocab)
-    resolved = S.resolve(fn, sampling, b, vocab, M.default_eos_ids(model))
+    # A model that declares no EOS ids stops at its constraints' EOS ids (the tokenizer's).
+    tables = C.stack_constraints(fn, constraint, b0, vocab, repeat=ns)
+    default_eos = M.default_eos_ids(model) or tuple(sorted(C.eos_ids_of(constraint)))
+    resolved = S.resolve(fn, sampling, b, vocab, default_eos)
     keys = V.row_keys(fn, key, sampling.temperature, b)
     procs = _check_processors(fn, processors)
-    tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)))
+    if tables is not None:
+        _check_constraint_eos(fn, constraint, resolved)
+    tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)),
+                 constraint=tables)
     cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top)
     return cfg, n, p, *_auto_axes((model_arrays, _pad_prompt(prompt, pb), lengths, tr))
 
@@ -492,6 +537,7 @@ def generate(
     num_samples: int = 1,
     top_logprobs: int = 0,
     speculative: Any = None,
+    constraint: Any = None,
 ) -> GenerateOutput:
     """Generates up to ``max_new_tokens`` tokens per prompt row, as one compiled computation.
 
@@ -580,6 +626,14 @@ def generate(
         ``min_new_tokens``, ``num_samples`` and ``top_logprobs`` are not). Same output
         distribution as without it; the output's ``rounds``, ``proposed`` and ``accepted``
         hold the acceptance statistics (see :func:`jaxdecode.speculative_generate`).
+      constraint: structured output: a :class:`jaxdecode.Constraint` (``jaxdecode.json_schema``,
+        ``regex`` or ``choice``) for every row, or a list with one per prompt row (None for an
+        unconstrained row; a prompt row's samples share it). Each step the logits are masked
+        to the tokens the row's automaton allows, after the penalties and processors and
+        before temperature / truncation; EOS is allowed only once the text is complete. The
+        automata run on the device (tables padded to size buckets are traced arguments: a
+        new constraint of a similar size does not recompile). Not with ``speculative``.
+        The output's ``complete`` says which rows finished a valid text.
 
     Returns:
       A :class:`GenerateOutput` (``tokens``, ``lengths``, ``logprobs``, ``raw_logprobs``,
@@ -614,6 +668,9 @@ def generate(
                    typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, eos_id=eos_id,
                    min_new_tokens=min_new_tokens, stop_sequences=stop_sequences)
+    if speculative is not None and constraint is not None:
+        raise ValueError(f"{fn}: `constraint` is not supported with `speculative` decoding (the verifier does not "
+                         f"advance the automaton through the proposed tokens); drop one of them.")
     if speculative is not None:
         S.check_supported(fn, sp, ("temperature", "top_k", "top_p", "min_p", "typical_p", "eos_id"),
                           "with `speculative` decoding")
@@ -630,7 +687,7 @@ def generate(
     cfg, n, p, arrays, prompt, lengths, tr = _prepare(
         fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
         context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
-        top_logprobs=top_logprobs,
+        top_logprobs=top_logprobs, constraint=constraint,
     )
     return _trim(_generate_jit(cfg, arrays, prompt, lengths, tr), p, n)
 
@@ -660,6 +717,7 @@ def generate_stream(
     pad_id: int = 0,
     processors: LogitsProcessor | Sequence[LogitsProcessor] | None = None,
     num_samples: int = 1,
+    constraint: Any = None,
 ) -> Iterator[StreamChunk]:
     """Like :func:`generate`, but yields the new tokens chunk by chunk as they are decoded.
 
@@ -695,15 +753,16 @@ def generate_stream(
     cfg, n, _, arrays, prompt, lengths, tr = _prepare(
         fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
         context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
+        constraint=constraint,
     )
     chunk = min(chunk, n)
 
     def stream() -> Iterator[StreamChunk]:
         state = _stream_init_jit(cfg, arrays, prompt, lengths, tr)
         for start in range(0, n, chunk):
-            state, toks, lps, done = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
+            state, toks, lps, done, ok = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
             c = min(chunk, n - start)
-            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done)
+            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done, complete=ok)
             if bool(jnp.all(done)):
                 return
 
