@@ -275,3 +275,34 @@ def test_tiny_gguf_bfloat16_and_copy(tmp_path):
     x = jnp.asarray([[1, 2, 3, 4, 5]], jnp.int32)
     a, b = m32(x), m16(x)
     assert float(jnp.abs(a - b).max()) < 0.05 * float(jnp.abs(a).max())
+
+
+def _every_dequantizable_type():
+    out = []
+    for qt in gguf.GGMLQuantizationType:
+        if qt.name in ("F32", "F16", "BF16", "F64", "I8", "I16", "I32", "I64"):
+            continue
+        block, size = gguf.GGML_QUANT_SIZES[qt]
+        try:
+            gguf.quants.dequantize(np.zeros((1, size), np.uint8), qt)
+        except (NotImplementedError, KeyError, ValueError):
+            continue
+        out.append(qt)
+    return out
+
+
+@pytest.mark.parametrize("qtype", _every_dequantizable_type(), ids=lambda q: q.name)
+def test_every_gguf_quant_type_dequantizes_like_gguf(qtype):
+    """Random blocks of every type ``gguf.quants`` can dequantize (K-quants, IQ*, TQ*, Q5_*...)
+    read the same through the loader (its own NumPy fast paths for Q4_0/Q4_1/Q8_0, gguf's code
+    for the rest), NaN for NaN."""
+    from types import SimpleNamespace
+
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows, cols = 3, 2 * max(block, 256) if block > 32 else 64
+    raw = np.random.default_rng(qtype.value).integers(0, 256, size=(rows, cols // block * size), dtype=np.uint8)
+    t = SimpleNamespace(name="t", tensor_type=qtype, data=raw, shape=np.array([cols, rows]))
+    got = dequantize_tensor(t)
+    want = gguf.quants.dequantize(raw, qtype).reshape(rows, cols)
+    assert got.shape == (rows, cols) and got.dtype == np.float32
+    np.testing.assert_array_equal(got, want.astype(np.float32))
