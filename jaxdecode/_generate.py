@@ -39,6 +39,7 @@ from jax import lax
 
 from . import _model as M
 from . import _settings as S
+from . import _stop
 from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
@@ -83,6 +84,9 @@ class GenerateOutput(NamedTuple):
       rounds, proposed, accepted: with ``speculative=``, the acceptance statistics of
         :class:`jaxdecode.SpeculativeOutput` (verification rounds int32[]; draft tokens
         proposed and accepted per row, int32[B]); None otherwise.
+      stop_index: int32[B] or None. With ``stop`` strings: the index of the one that ended
+        each row, -1 for rows that ended otherwise (EOS, length). The row's tokens include
+        the token in which it completed; :func:`jaxdecode.completions` cuts the text.
     """
 
     tokens: jax.Array
@@ -95,6 +99,7 @@ class GenerateOutput(NamedTuple):
     rounds: jax.Array | None = None
     proposed: jax.Array | None = None
     accepted: jax.Array | None = None
+    stop_index: jax.Array | None = None
 
 
 class StreamChunk(NamedTuple):
@@ -104,11 +109,13 @@ class StreamChunk(NamedTuple):
       tokens: int32[B, c]. The tokens generated in these steps (``pad_id`` for finished rows).
       logprobs: float32[B, c]. As :attr:`GenerateOutput.logprobs` for these steps.
       done: bool[B]. Whether each row has finished (EOS / stop sequence) by the chunk's end.
+      stop_index: int32[B] or None. With ``stop`` strings: the one each row hit, -1 for none.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     done: jax.Array
+    stop_index: jax.Array | None = None
 
 
 class LoopState(NamedTuple):
@@ -123,6 +130,8 @@ class LoopState(NamedTuple):
         length (prompt, then generated tokens, ``pad_id`` after), token counts, prompt mask,
         step (tokens generated so far per row, the output's ``num_generated``), previous token.
       proc_state: the user processors' state pytree (``()`` when there are none).
+      stop_state: int32[B], each row's stop-string automaton state (negative once a stop
+        string completed, see :mod:`jaxdecode._stop`); ``()`` without stop strings.
     """
 
     done: jax.Array
@@ -130,6 +139,7 @@ class LoopState(NamedTuple):
     cache: Any
     context: DecodeContext
     proc_state: Any
+    stop_state: Any = ()
 
 
 class _Traced(NamedTuple):
@@ -139,6 +149,7 @@ class _Traced(NamedTuple):
     sampling: S.Resolved
     pad_id: jax.Array  # int32[]
     max_new: jax.Array  # int32[]: the real max_new_tokens (the scan may run a longer bucket)
+    stop_table: Any = None  # int32[Q, V] stop-string table (see _stop), or None
 
 
 class _StepOut(NamedTuple):
@@ -202,6 +213,7 @@ def _init(cfg: _Config, model, prompt, prompt_lengths, tr: _Traced) -> LoopState
         cache=cache,
         context=ctx,
         proc_state=proc_state,
+        stop_state=() if tr.stop_table is None else _stop.init_state(cfg.batch),
     )
 
 
@@ -278,6 +290,10 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
         hit |= jnp.any(ids[:, None] == sp.eos_ids[None, :], axis=-1)
     if sp.stop_seqs is not None:
         hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, sp.stop_seqs, sp.stop_lens)
+    stop_state = state.stop_state
+    if tr.stop_table is not None:
+        stop_state = _stop.advance(tr.stop_table, stop_state, ids, active)
+        hit |= stop_state < 0
     done = state.done | (active & hit)
 
     def run_model(operand):
@@ -292,7 +308,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
 
     need = ~jnp.all(done) & (i < n - 1)
     next_logits, cache = lax.cond(need, run_model, skip_model, (ctx.tokens, ctx.lengths, ids, state.cache, state.logits))
-    new = LoopState(done, next_logits, cache, ctx, proc_state)
+    new = LoopState(done, next_logits, cache, ctx, proc_state, stop_state)
     out = _StepOut(
         jnp.where(active, ids, tr.pad_id).astype(jnp.int32),
         jnp.where(active, lp, 0.0).astype(jnp.float32),
@@ -342,6 +358,7 @@ def _generate_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, tr: _Trace
         num_generated=state.context.step,
         top_ids=top[0] if n_top else None,
         top_logprobs=top[1] if n_top else None,
+        stop_index=None if tr.stop_table is None else _stop.fired(state.stop_state),
     )
 
 
@@ -356,7 +373,8 @@ def _stream_chunk_jit(cfg: _Config, chunk: int, model_arrays, tr: _Traced, state
     steps = start + jnp.arange(chunk, dtype=jnp.int32)
     state, ys = _run_steps(cfg, model, tr, state, steps)
     # `done` is returned on its own: the state's buffers are donated to the next chunk.
-    return state, ys.tokens.T, ys.logprobs.T, state.done
+    fired = None if tr.stop_table is None else _stop.fired(state.stop_state)
+    return state, ys.tokens.T, ys.logprobs.T, state.done, fired
 
 
 # ---------------------------------------------------------------------------------------
@@ -400,7 +418,7 @@ def _check_processors(fn: str, processors: Any) -> Any:
 
 
 def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingParams, prompt_lengths,
-             context_size, pad_id, processors, num_samples=1, top_logprobs=0):
+             context_size, pad_id, processors, num_samples=1, top_logprobs=0, tokenizer=None):
     """Every eager check, then the static config and the traced arguments of the loop."""
     n = V.check_count(fn, "max_new_tokens", max_new_tokens, 1)
     ns = V.check_count(fn, "num_samples", num_samples, 1)
@@ -440,7 +458,9 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingP
     resolved = S.resolve(fn, sampling, b, vocab, M.default_eos_ids(model))
     keys = V.row_keys(fn, key, sampling.temperature, b)
     procs = _check_processors(fn, processors)
-    tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)))
+    table = None if sampling.stop is None else _stop.device_table(fn, sampling.stop, tokenizer, vocab)
+    tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)),
+                 stop_table=table)
     cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top)
     return cfg, n, p, *_auto_axes((model_arrays, _pad_prompt(prompt, pb), lengths, tr))
 
@@ -485,6 +505,8 @@ def generate(
     eos_id: Any = UNSET,
     min_new_tokens: Any = UNSET,
     stop_sequences: Sequence[Sequence[int]] | None = UNSET,
+    stop: str | Sequence[str] | None = UNSET,
+    tokenizer: Any = None,
     prompt_lengths: Any = None,
     context_size: int | None = None,
     pad_id: int = 0,
@@ -560,6 +582,15 @@ def generate(
         this many tokens.
       stop_sequences: list of token-id lists; a row stops once its generated tokens end with
         one of them (the sequence is kept). Matched within the generated tokens only.
+      stop: a string or a list of strings (as vLLM / OpenAI ``stop``, Hugging Face
+        ``stop_strings``): a row stops at the token in which its generated text first contains
+        one, even when it spans several tokens or ends inside one. Matched inside the loop by
+        a table lookup per step (built once on the host from the vocabulary, see
+        ``jaxdecode._stop``); the generated text only (never the prompt). The tokens keep the
+        completing token; ``out.stop_index`` says which string fired and
+        :func:`jaxdecode.completions` returns the texts with it cut (or kept).
+      tokenizer: needed with ``stop``: a ``jaxdecode.models`` tokenizer (anything with
+        ``token_bytes()``) or a list of each token id's text.
       prompt_lengths: int[B] in [1, P], real length of each row (default: all P).
       context_size: stateless models: the window length (default ``model.context_size`` if
         it is an int, else unlimited). KV-cached models: the cache may not need more than
@@ -613,7 +644,7 @@ def generate(
     sp = _sampling(fn, sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, eos_id=eos_id,
-                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences)
+                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences, stop=stop)
     if speculative is not None:
         S.check_supported(fn, sp, ("temperature", "top_k", "top_p", "min_p", "typical_p", "eos_id"),
                           "with `speculative` decoding")
@@ -630,7 +661,7 @@ def generate(
     cfg, n, p, arrays, prompt, lengths, tr = _prepare(
         fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
         context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
-        top_logprobs=top_logprobs,
+        top_logprobs=top_logprobs, tokenizer=tokenizer,
     )
     return _trim(_generate_jit(cfg, arrays, prompt, lengths, tr), p, n)
 
@@ -655,6 +686,8 @@ def generate_stream(
     eos_id: Any = UNSET,
     min_new_tokens: Any = UNSET,
     stop_sequences: Sequence[Sequence[int]] | None = UNSET,
+    stop: str | Sequence[str] | None = UNSET,
+    tokenizer: Any = None,
     prompt_lengths: Any = None,
     context_size: int | None = None,
     pad_id: int = 0,
@@ -691,19 +724,20 @@ def generate_stream(
     sp = _sampling(fn, sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, eos_id=eos_id,
-                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences)
+                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences, stop=stop)
     cfg, n, _, arrays, prompt, lengths, tr = _prepare(
         fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
         context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
+        tokenizer=tokenizer,
     )
     chunk = min(chunk, n)
 
     def stream() -> Iterator[StreamChunk]:
         state = _stream_init_jit(cfg, arrays, prompt, lengths, tr)
         for start in range(0, n, chunk):
-            state, toks, lps, done = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
+            state, toks, lps, done, fired = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
             c = min(chunk, n - start)
-            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done)
+            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done, stop_index=fired)
             if bool(jnp.all(done)):
                 return
 
