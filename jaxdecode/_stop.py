@@ -404,7 +404,7 @@ def completions(out: Any, tokenizer: Any, *, prompt_lengths: Any = None, stop: A
             result.append(Completion(text, ids, "stop", stops[k]))
             continue
         ended_eos = bool(ids) and ids[-1] in eos
-        text = _decode(tokenizer, ids)
+        text = _decode(tokenizer, ids[:-1] if ended_eos else ids)  # the EOS token is no text
         early = max_new_tokens is not None and len(ids) < max_new_tokens
         result.append(Completion(text, ids, "stop" if ended_eos or early else "length",
                                  ids[-1] if ended_eos else None))
