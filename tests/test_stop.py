@@ -174,7 +174,8 @@ def test_bad_stop_arguments():
     with pytest.raises(TypeError, match=r"`tokenizer` must have a token_bytes\(\) method"):
         jaxdecode.generate(PLUS, jnp.array([[0]]), 3, temperature=0.0, stop="x", tokenizer=object())
     with pytest.raises(ValueError, match=r"jaxdecode.beam_search: `stop` is not supported"):
-        jaxdecode.beam_search(CACHED_PLUS, jnp.array([[0]]), 3, num_beams=2, stop="x")
+        jaxdecode.beam_search(CACHED_PLUS, jnp.array([[0]]), 3, num_beams=2,
+                              sampling=jaxdecode.SamplingParams(stop="x"))
     with pytest.raises(ValueError, match=r"`stop` is not supported with `speculative` decoding"):
         jaxdecode.generate(CACHED_PLUS, jnp.array([[0]]), 3, temperature=0.0, stop="x", tokenizer=VOCAB,
                            speculative=jaxdecode.prompt_lookup(num_tokens=2, ngram=1))
