@@ -109,12 +109,15 @@ class StreamChunk(NamedTuple):
       tokens: int32[B, c]. The tokens generated in these steps (``pad_id`` for finished rows).
       logprobs: float32[B, c]. As :attr:`GenerateOutput.logprobs` for these steps.
       done: bool[B]. Whether each row has finished (EOS / stop sequence) by the chunk's end.
+      num_generated: int32[B]. Tokens each row has generated so far (its real tokens in this
+        chunk are the first ``num_generated - earlier total``; the rest is ``pad_id``).
       stop_index: int32[B] or None. With ``stop`` strings: the one each row hit, -1 for none.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     done: jax.Array
+    num_generated: jax.Array | None = None
     stop_index: jax.Array | None = None
 
 
@@ -374,7 +377,7 @@ def _stream_chunk_jit(cfg: _Config, chunk: int, model_arrays, tr: _Traced, state
     state, ys = _run_steps(cfg, model, tr, state, steps)
     # `done` is returned on its own: the state's buffers are donated to the next chunk.
     fired = None if tr.stop_table is None else _stop.fired(state.stop_state)
-    return state, ys.tokens.T, ys.logprobs.T, state.done, fired
+    return state, ys.tokens.T, ys.logprobs.T, state.done, state.context.step, fired
 
 
 # ---------------------------------------------------------------------------------------
@@ -735,9 +738,9 @@ def generate_stream(
     def stream() -> Iterator[StreamChunk]:
         state = _stream_init_jit(cfg, arrays, prompt, lengths, tr)
         for start in range(0, n, chunk):
-            state, toks, lps, done, fired = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
+            state, toks, lps, done, count, fired = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
             c = min(chunk, n - start)
-            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done, stop_index=fired)
+            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done, num_generated=count, stop_index=fired)
             if bool(jnp.all(done)):
                 return
 
