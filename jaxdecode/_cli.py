@@ -399,11 +399,16 @@ def _finish_reason(tokens: list[int], eos: set, stop_hit: int, stops: Sequence[s
 
 
 def _eos_set(model, tok, sampling) -> set:
-    """The EOS ids the library stops at: ``sampling.eos_id``, else the model's (as generate)."""
-    if sampling.eos_id is not None:
-        return set(sampling.eos_id) if isinstance(sampling.eos_id, tuple) else {int(sampling.eos_id)}
-    config = getattr(model, "config", None)
-    return set(getattr(config, "eos_ids", None) or tok.eos_ids)
+    """The EOS ids the run stops at (``sampling.eos_id``; see :func:`_default_eos`)."""
+    if sampling.eos_id is None:
+        return set(getattr(getattr(model, "config", None), "eos_ids", None) or ())
+    return set(sampling.eos_id) if isinstance(sampling.eos_id, tuple) else {int(sampling.eos_id)}
+
+
+def _default_eos(model, tok) -> tuple[int, ...]:
+    """The model's EOS ids and the tokenizer's (a checkpoint may declare them in either)."""
+    ids = tuple(getattr(getattr(model, "config", None), "eos_ids", None) or ()) + tuple(tok.eos_ids)
+    return tuple(dict.fromkeys(int(i) for i in ids))
 
 
 def _stream(model, tok, ids, args, sampling, status: Status, *, live: bool, echo: str = "") -> _Run:
@@ -489,7 +494,7 @@ def _one_shot(model, tok, ids, args, sampling, explicit: dict, status: Status) -
     t0 = time.perf_counter()
     top = None
     if args.beams:
-        params = build_sampling(explicit | ({"eos_id": ()} if args.ignore_eos else {}))
+        params = build_sampling(explicit | {"eos_id": sampling.eos_id})
         out = jaxdecode.beam_search(model, prompt, n, num_beams=args.beams, sampling=params,
                                     num_return_sequences=args.num_samples, top_logprobs=args.top_logprobs)
         out = jax.device_get(out)
@@ -541,13 +546,13 @@ def _one_shot(model, tok, ids, args, sampling, explicit: dict, status: Status) -
 def _timing_line(load_s: float, run: _Run, args, batch: int) -> str:
     parts = [f"load {load_s:.2f} s"]
     if run.first_s is not None:
-        parts.append(f"first token {run.first_s:.2f} s (compile + prefill + {args.chunk_size} steps)")
+        parts.append(f"first token {run.first_s:.2f} s (with its {args.chunk_size}-step chunk; compile + prefill)")
     parts.append(f"{run.tokens} tokens in {run.total_s:.2f} s")
     rest_tokens, rest_s = run.tokens - run.first_tokens, run.total_s - (run.first_s or 0.0)
     if run.first_s is not None and rest_tokens > 0 and rest_s > 0:
         parts.append(f"{rest_tokens / rest_s:.1f} tokens/s after the first chunk")
     elif run.total_s > 0:
-        parts.append(f"{run.tokens / run.total_s:.1f} tokens/s overall, compile included")
+        parts.append(f"{run.tokens / run.total_s:.1f} tokens/s overall (first chunk included)")
     return "[jaxdecode] " + " | ".join(parts) + f" (batch {batch})"
 
 
@@ -571,8 +576,8 @@ def _read_prompt(args) -> str | None:
         return _unescape(args.prompt_flag)
     if args.prompt is not None:
         return args.prompt
-    if sys.stdin is None or _isatty(sys.stdin):
-        return None
+    if args.interactive or sys.stdin is None or _isatty(sys.stdin):
+        return None  # (the chat reads stdin line by line)
     return sys.stdin.read().rstrip("\n")
 
 
@@ -654,6 +659,8 @@ def _generate_main(argv: list[str]) -> int:
     if tok is None:
         raise UsageError(f"{args.model}: the model has no tokenizer (tokenizer.json missing)")
 
+    if sampling.eos_id is None:
+        sampling = sampling.replace(eos_id=_default_eos(model, tok))
     if interactive:
         return _chat(model, tok, args, sampling, status)
     text = prompt
