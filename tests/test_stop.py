@@ -199,3 +199,12 @@ def test_real_tokenizer_bytes_join_to_the_decoded_text():
     pieces = tok.token_bytes()
     assert len(pieces) == tok.vocab_size
     assert b"".join(pieces[i] for i in ids).decode() == text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_stop_module_is_floor_two():
+    """_stop imports only the validation layer, so the server and the decoders can share it."""
+    from test_core import import_graph
+
+    graph = import_graph()
+    assert graph["jaxdecode._stop"] <= {"jaxdecode._validate"}, graph["jaxdecode._stop"]
+    assert "jaxdecode._stop" in graph["jaxdecode._generate"] and "jaxdecode._stop" in graph["jaxdecode._settings"]
