@@ -52,6 +52,9 @@ from ._speculative import draft_model as draft_model
 from ._speculative import prompt_lookup as prompt_lookup
 from ._speculative import speculative_generate as speculative_generate
 
+from ._stop import Completion as Completion
+from ._stop import completions as completions
+
 from ._generate import GenerateOutput as GenerateOutput
 from ._generate import StreamChunk as StreamChunk
 from ._generate import generate as generate

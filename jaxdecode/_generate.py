@@ -41,6 +41,7 @@ from jax import lax
 from . import _model as M
 from . import _settings as S
 from . import _structured as C
+from . import _stop
 from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
@@ -89,6 +90,9 @@ class GenerateOutput(NamedTuple):
         match of its constraint (True for unconstrained rows). A constrained row that ends
         with EOS is always complete; False means ``max_new_tokens`` (or a stop sequence) cut
         it off before the text was valid. None without ``constraint``.
+      stop_index: int32[B] or None. With ``stop`` strings: the index of the one that ended
+        each row, -1 for rows that ended otherwise (EOS, length). The row's tokens include
+        the token in which it completed; :func:`jaxdecode.completions` cuts the text.
     """
 
     tokens: jax.Array
@@ -102,6 +106,7 @@ class GenerateOutput(NamedTuple):
     proposed: jax.Array | None = None
     accepted: jax.Array | None = None
     complete: jax.Array | None = None
+    stop_index: jax.Array | None = None
 
 
 class StreamChunk(NamedTuple):
@@ -113,12 +118,17 @@ class StreamChunk(NamedTuple):
       done: bool[B]. Whether each row has finished (EOS / stop sequence) by the chunk's end.
       complete: with ``constraint=``: bool[B], whether each row's text so far is a complete
         match of its constraint (as :attr:`GenerateOutput.complete`); None otherwise.
+      num_generated: int32[B]. Tokens each row has generated so far (its real tokens in this
+        chunk are the first ``num_generated - earlier total``; the rest is ``pad_id``).
+      stop_index: int32[B] or None. With ``stop`` strings: the one each row hit, -1 for none.
     """
 
     tokens: jax.Array
     logprobs: jax.Array
     done: jax.Array
     complete: jax.Array | None = None
+    num_generated: jax.Array | None = None
+    stop_index: jax.Array | None = None
 
 
 class LoopState(NamedTuple):
@@ -135,6 +145,8 @@ class LoopState(NamedTuple):
       proc_state: the user processors' state pytree (``()`` when there are none).
       constraint: the automata of ``constraint=`` (one int32 state per row,
         :class:`jaxdecode._structured.ConstraintState`; ``()`` without constraints).
+      stop_state: int32[B], each row's stop-string automaton state (negative once a stop
+        string completed, see :mod:`jaxdecode._stop`); ``()`` without stop strings.
     """
 
     done: jax.Array
@@ -143,6 +155,7 @@ class LoopState(NamedTuple):
     context: DecodeContext
     proc_state: Any
     constraint: Any = ()
+    stop_state: Any = ()
 
 
 class _Traced(NamedTuple):
@@ -153,6 +166,7 @@ class _Traced(NamedTuple):
     pad_id: jax.Array  # int32[]
     max_new: jax.Array  # int32[]: the real max_new_tokens (the scan may run a longer bucket)
     constraint: Any = None  # _structured.ConstraintTables (padded to size buckets) or None
+    stop_table: Any = None  # int32[Q, V] stop-string table (see _stop), or None
 
 
 class _StepOut(NamedTuple):
@@ -217,6 +231,7 @@ def _init(cfg: _Config, model, prompt, prompt_lengths, tr: _Traced) -> LoopState
         context=ctx,
         proc_state=proc_state,
         constraint=() if tr.constraint is None else C.init_state(ctx),
+        stop_state=() if tr.stop_table is None else _stop.init_state(cfg.batch),
     )
 
 
@@ -295,6 +310,10 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
         hit |= jnp.any(ids[:, None] == sp.eos_ids[None, :], axis=-1)
     if sp.stop_seqs is not None:
         hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, sp.stop_seqs, sp.stop_lens)
+    stop_state = state.stop_state
+    if tr.stop_table is not None:
+        stop_state = _stop.advance(tr.stop_table, stop_state, ids, active)
+        hit |= stop_state < 0
     done = state.done | (active & hit)
 
     def run_model(operand):
@@ -309,7 +328,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
 
     need = ~jnp.all(done) & (i < n - 1)
     next_logits, cache = lax.cond(need, run_model, skip_model, (ctx.tokens, ctx.lengths, ids, state.cache, state.logits))
-    new = LoopState(done, next_logits, cache, ctx, proc_state, c_state)
+    new = LoopState(done, next_logits, cache, ctx, proc_state, c_state, stop_state)
     out = _StepOut(
         jnp.where(active, ids, tr.pad_id).astype(jnp.int32),
         jnp.where(active, lp, 0.0).astype(jnp.float32),
@@ -360,6 +379,7 @@ def _generate_jit(cfg: _Config, model_arrays, prompt, prompt_lengths, tr: _Trace
         top_ids=top[0] if n_top else None,
         top_logprobs=top[1] if n_top else None,
         complete=_complete(tr, state),
+        stop_index=None if tr.stop_table is None else _stop.fired(state.stop_state),
     )
 
 
@@ -380,7 +400,8 @@ def _stream_chunk_jit(cfg: _Config, chunk: int, model_arrays, tr: _Traced, state
     steps = start + jnp.arange(chunk, dtype=jnp.int32)
     state, ys = _run_steps(cfg, model, tr, state, steps)
     # `done` is returned on its own: the state's buffers are donated to the next chunk.
-    return state, ys.tokens.T, ys.logprobs.T, state.done, _complete(tr, state)
+    fired = None if tr.stop_table is None else _stop.fired(state.stop_state)
+    return state, ys.tokens.T, ys.logprobs.T, state.done, _complete(tr, state), state.context.step, fired
 
 
 # ---------------------------------------------------------------------------------------
@@ -439,7 +460,7 @@ def _check_constraint_eos(fn: str, constraint: Any, resolved: S.Resolved) -> Non
 
 
 def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingParams, prompt_lengths,
-             context_size, pad_id, processors, num_samples=1, top_logprobs=0, constraint=None):
+             context_size, pad_id, processors, num_samples=1, top_logprobs=0, constraint=None, tokenizer=None):
     """Every eager check, then the static config and the traced arguments of the loop."""
     n = V.check_count(fn, "max_new_tokens", max_new_tokens, 1)
     ns = V.check_count(fn, "num_samples", num_samples, 1)
@@ -484,8 +505,9 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingP
     procs = _check_processors(fn, processors)
     if tables is not None:
         _check_constraint_eos(fn, constraint, resolved)
+    table = None if sampling.stop is None else _stop.device_table(fn, sampling.stop, tokenizer, vocab)
     tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)),
-                 constraint=tables)
+                 constraint=tables, stop_table=table)
     cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top)
     return cfg, n, p, *_auto_axes((model_arrays, _pad_prompt(prompt, pb), lengths, tr))
 
@@ -530,6 +552,8 @@ def generate(
     eos_id: Any = UNSET,
     min_new_tokens: Any = UNSET,
     stop_sequences: Sequence[Sequence[int]] | None = UNSET,
+    stop: str | Sequence[str] | None = UNSET,
+    tokenizer: Any = None,
     prompt_lengths: Any = None,
     context_size: int | None = None,
     pad_id: int = 0,
@@ -606,6 +630,15 @@ def generate(
         this many tokens.
       stop_sequences: list of token-id lists; a row stops once its generated tokens end with
         one of them (the sequence is kept). Matched within the generated tokens only.
+      stop: a string or a list of strings (as vLLM / OpenAI ``stop``, Hugging Face
+        ``stop_strings``): a row stops at the token in which its generated text first contains
+        one, even when it spans several tokens or ends inside one. Matched inside the loop by
+        a table lookup per step (built once on the host from the vocabulary, see
+        ``jaxdecode._stop``); the generated text only (never the prompt). The tokens keep the
+        completing token; ``out.stop_index`` says which string fired and
+        :func:`jaxdecode.completions` returns the texts with it cut (or kept).
+      tokenizer: needed with ``stop``: a ``jaxdecode.models`` tokenizer (anything with
+        ``token_bytes()``) or a list of each token id's text.
       prompt_lengths: int[B] in [1, P], real length of each row (default: all P).
       context_size: stateless models: the window length (default ``model.context_size`` if
         it is an int, else unlimited). KV-cached models: the cache may not need more than
@@ -667,7 +700,7 @@ def generate(
     sp = _sampling(fn, sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, eos_id=eos_id,
-                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences)
+                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences, stop=stop)
     if speculative is not None and constraint is not None:
         raise ValueError(f"{fn}: `constraint` is not supported with `speculative` decoding (the verifier does not "
                          f"advance the automaton through the proposed tokens); drop one of them.")
@@ -687,7 +720,7 @@ def generate(
     cfg, n, p, arrays, prompt, lengths, tr = _prepare(
         fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
         context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
-        top_logprobs=top_logprobs, constraint=constraint,
+        top_logprobs=top_logprobs, constraint=constraint, tokenizer=tokenizer,
     )
     return _trim(_generate_jit(cfg, arrays, prompt, lengths, tr), p, n)
 
@@ -712,6 +745,8 @@ def generate_stream(
     eos_id: Any = UNSET,
     min_new_tokens: Any = UNSET,
     stop_sequences: Sequence[Sequence[int]] | None = UNSET,
+    stop: str | Sequence[str] | None = UNSET,
+    tokenizer: Any = None,
     prompt_lengths: Any = None,
     context_size: int | None = None,
     pad_id: int = 0,
@@ -749,20 +784,22 @@ def generate_stream(
     sp = _sampling(fn, sampling, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                    typical_p=typical_p, repetition_penalty=repetition_penalty, presence_penalty=presence_penalty,
                    frequency_penalty=frequency_penalty, logit_bias=logit_bias, eos_id=eos_id,
-                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences)
+                   min_new_tokens=min_new_tokens, stop_sequences=stop_sequences, stop=stop)
     cfg, n, _, arrays, prompt, lengths, tr = _prepare(
         fn, model, prompt, max_new_tokens, key=key, sampling=sp, prompt_lengths=prompt_lengths,
         context_size=context_size, pad_id=pad_id, processors=processors, num_samples=num_samples,
         constraint=constraint,
+        tokenizer=tokenizer,
     )
     chunk = min(chunk, n)
 
     def stream() -> Iterator[StreamChunk]:
         state = _stream_init_jit(cfg, arrays, prompt, lengths, tr)
         for start in range(0, n, chunk):
-            state, toks, lps, done, ok = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
+            state, toks, lps, done, ok, count, fired = _stream_chunk_jit(cfg, chunk, arrays, tr, state, jnp.int32(start))
             c = min(chunk, n - start)
-            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done, complete=ok)
+            yield StreamChunk(tokens=toks[:, :c], logprobs=lps[:, :c], done=done, complete=ok, num_generated=count,
+                              stop_index=fired)
             if bool(jnp.all(done)):
                 return
 

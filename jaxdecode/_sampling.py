@@ -69,7 +69,8 @@ class SamplingKnobs(NamedTuple):
 
 
 _KNOB_SPECS: dict[str, dict[str, Any]] = {
-    "temperature": dict(low=0.0, allowed="a number >= 0 (0 means greedy)", dtype=np.float32),
+    "temperature": dict(low=0.0, high=np.inf, high_open=True, allowed="a number >= 0, finite (0 means greedy)",
+                        dtype=np.float32),
     "top_k": dict(low=0, integer=True, allowed="an integer >= 0 (0 means off)", dtype=np.int32),
     "top_p": dict(low=0.0, low_open=True, high=1.0, allowed="a number in (0, 1] (1 means off)", dtype=np.float32),
     "min_p": dict(low=0.0, high=1.0, allowed="a number in [0, 1] (0 means off)", dtype=np.float32),

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _stop
 from . import _validate as V
 from ._sampling import _KNOB_SPECS, SamplingKnobs, make_knobs
 
@@ -48,7 +49,7 @@ class SamplingParams:
     so it can be passed through ``jax.jit`` / ``jax.vmap``. Static (a change recompiles): the
     shapes (scalar vs per-row array), the number of EOS ids, whether a ``logit_bias`` is set
     (and its keys when a dict), and the stop-sequence table's shape (how many sequences and
-    how long each is).
+    how long each is), and the ``stop`` strings (their table's size is bucketed).
 
     Attributes:
       temperature: >= 0, scalar or per-row [B]; 0 is greedy. Default 1.
@@ -66,6 +67,9 @@ class SamplingParams:
       min_new_tokens: int >= 0; EOS ids are banned until a row has generated this many tokens.
       stop_sequences: list of token-id lists; a row stops once its generated tokens end with
         one of them (kept). None is off.
+      stop: a string or a list of strings; a row stops once its generated text contains one
+        (across token boundaries, matched inside the compiled loop; needs the decoder's
+        ``tokenizer=``). None is off.
 
     Example:
       >>> import jaxdecode
@@ -90,6 +94,7 @@ class SamplingParams:
     eos_id: Any = None
     min_new_tokens: Any = 0
     stop_sequences: Any = None
+    stop: Any = None
 
     def __post_init__(self) -> None:
         _check_and_normalise(_CLASS, self)
@@ -101,16 +106,20 @@ class SamplingParams:
 
 FIELDS: tuple[str, ...] = tuple(f.name for f in dataclasses.fields(SamplingParams))
 DEFAULTS: dict[str, Any] = {f.name: f.default for f in dataclasses.fields(SamplingParams)}
+# Host-only fields: pytree aux data (strings cannot be traced; the loop reads a table built
+# from them).
+_STATIC = ("stop",)
+_TRACED = tuple(name for name in FIELDS if name not in _STATIC)
 
 
 def _flatten(p: SamplingParams):
-    return tuple(getattr(p, name) for name in FIELDS), None
+    return tuple(getattr(p, name) for name in _TRACED), tuple(getattr(p, name) for name in _STATIC)
 
 
-def _unflatten(_, children) -> SamplingParams:
+def _unflatten(aux, children) -> SamplingParams:
     # No checks: JAX unflattens with tracers and placeholder objects.
     obj = object.__new__(SamplingParams)
-    for name, value in zip(FIELDS, children):
+    for name, value in zip(_TRACED + _STATIC, tuple(children) + tuple(aux)):
         object.__setattr__(obj, name, value)
     return obj
 
@@ -194,6 +203,7 @@ def _check_and_normalise(fn: str, p: SamplingParams) -> None:
     object.__setattr__(p, "eos_id", _norm_eos(fn, p.eos_id))
     object.__setattr__(p, "stop_sequences", _norm_stop(fn, p.stop_sequences))
     object.__setattr__(p, "logit_bias", _norm_bias(fn, p.logit_bias))
+    object.__setattr__(p, "stop", _stop.normalise(fn, p.stop))
 
 
 def make_knobs_check(fn: str, name: str, value: Any) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import warnings
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
@@ -104,6 +105,25 @@ class Tokenizer:
         """Text of ``ids`` (bytes that do not form complete UTF-8 characters decode to U+FFFD)."""
         return self.backend.decode([int(i) for i in _flat_ids(ids)],
                                    skip_special_tokens=skip_special_tokens)
+
+    def token_bytes(self) -> list[bytes]:
+        """The bytes each token id decodes to, for every id in ``[0, vocab_size)``.
+
+        Byte-level BPE pieces map back through GPT-2's byte alphabet; SentencePiece pieces turn
+        ``\u2581`` into a space and ``<0xNN>`` into the byte NN. Special (control) tokens map
+        to ``b""``, as ``decode(..., skip_special_tokens=True)`` drops them. Used to match stop
+        strings inside the compiled decode loop (``jaxdecode.generate(..., stop=...)``).
+        Computed once per tokenizer.
+
+        Example:
+          >>> from jaxdecode import models
+          >>> _, tok = models.load()
+          >>> [tok.token_bytes()[i] for i in tok.encode("Hi there")]
+          [b'Hi', b' there']
+        """
+        if getattr(self, "_token_bytes", None) is None:
+            self._token_bytes = _vocab_bytes(self.backend, self.vocab_size)
+        return self._token_bytes
 
     def __call__(self, text: str) -> list[int]:
         return self.encode(text)
@@ -309,6 +329,44 @@ def _flat_ids(ids):
     if hasattr(ids, "tolist"):
         ids = ids.tolist()
     return list(ids)
+
+
+
+def _decoder_types(node) -> set:
+    """Every decoder type named in a tokenizer.json ``decoder`` entry (Sequences included)."""
+    if not isinstance(node, Mapping):
+        return set()
+    found = {node.get("type")}
+    for child in node.get("decoders") or ():
+        found |= _decoder_types(child)
+    return found
+
+
+def _vocab_bytes(backend, size: int) -> list[bytes]:
+    decoder = json.loads(backend.to_str()).get("decoder")
+    byte_level = "ByteLevel" in _decoder_types(decoder)
+    special = {i for i, t in backend.get_added_tokens_decoder().items() if t.special}
+    if byte_level:  # GPT-2's bytes_to_unicode, inverted
+        keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAD)) + list(range(0xAE, 0x100))
+        chars, n = list(keep), 0
+        for b in range(256):
+            if b not in keep:
+                keep.append(b)
+                chars.append(256 + n)
+                n += 1
+        to_byte = {chr(c): b for b, c in zip(keep, chars)}
+    out = []
+    for i in range(size):
+        piece = backend.id_to_token(i)
+        if piece is None or i in special:
+            out.append(b"")
+        elif byte_level and all(ch in to_byte for ch in piece):
+            out.append(bytes(to_byte[ch] for ch in piece))
+        elif re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", piece):  # SentencePiece byte fallback
+            out.append(bytes([int(piece[3:5], 16)]))
+        else:  # SentencePiece pieces, or added (user-defined) tokens written as text
+            out.append(piece.replace("\u2581", " ").encode("utf-8"))
+    return out
 
 
 def _read_json(path):
