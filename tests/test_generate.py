@@ -435,7 +435,7 @@ def test_stream_stops_early_when_all_done():
 
 
 # ---------------------------------------------------------------------------------------
-# Real pytree models: Flax NNX and jaxdecode.models.GPT2
+# Real pytree models: Flax NNX and jaxdecode.models.Decoder (GPT-2 switches)
 
 
 def _load_example(name):
@@ -474,9 +474,9 @@ def test_flax_nnx_module_and_example():
 
 
 def test_gpt2_kv_cached_equals_stateless():
-    from jaxdecode.models._gpt2 import GPT2, GPT2Config
+    from jaxdecode.models import Decoder, gpt2_config
 
-    model = GPT2.init(jax.random.key(0), GPT2Config(vocab_size=V, max_seq_len=P + N, dim=16, n_layers=1, n_heads=2))
+    model = Decoder.init(jax.random.key(0), gpt2_config(vocab_size=V, max_seq_len=P + N, dim=16, n_layers=1, n_heads=2))
     model = jax.tree_util.tree_map(lambda a: a * 20.0 if a.ndim == 2 else a, model)  # peaky logits
     cached_out = jaxdecode.generate(model, RAGGED, N, temperature=0.0, prompt_lengths=RAGGED_LENGTHS)
     stateless_out = jaxdecode.generate(lambda t: model(t), RAGGED, N, temperature=0.0, prompt_lengths=RAGGED_LENGTHS)
