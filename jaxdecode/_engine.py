@@ -141,8 +141,9 @@ class Prefix(NamedTuple):
       cache: the model's cache for one row (batch 1, ``max_seq_len`` slots).
       logits: float32[1, V], the next-token logits after the prompt.
       context: the row's :class:`jaxdecode.DecodeContext` (token buffer of ``max_seq_len``).
-      rows: :class:`RowSettings` of the request's ``n`` choices (leading axis n; the key is
-        the request's base key, folded with the choice index at insert).
+      rows: :class:`RowSettings` of the request's ``n`` choices, NumPy arrays on the host
+        (leading axis n; the key is the request's base key, folded with the choice index at
+        insert).
       prompt_len: the prompt's length (host int).
       n: the number of choices.
       top_logprobs: alternatives per step the request asked for.
@@ -319,12 +320,12 @@ def _put_row(big, small, slot, axis):
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1,))
 def _insert_jit(cfg: _Config, state: DecodeState, cache, logits, ctx, rows: RowSettings, choice, slot):
+    """Writes a one-row prefix and one choice's settings (``rows``, batch 1) into ``slot``."""
     axes = cfg.axes.obj
     new_cache = jax.tree.map(lambda big, small, ax: big if ax is None else _put_row(big, small, slot, ax),
                              state.cache, cache, axes, is_leaf=lambda v: v is None)
-    one = jax.tree.map(lambda x: lax.dynamic_slice_in_dim(x, choice, 1, 0), rows)
-    key = jax.random.fold_in(jax.random.wrap_key_data(one.key[0]), choice)
-    one = one._replace(key=jax.random.key_data(key)[None])
+    key = jax.random.fold_in(jax.random.wrap_key_data(rows.key[0]), choice)
+    one = rows._replace(key=jax.random.key_data(key)[None])
     put = lambda big, small: _put_row(big, small, slot, 0)
     return DecodeState(
         cache=new_cache,
@@ -535,7 +536,9 @@ class Engine:
             raise ValueError(f"{fn}: `slot` must be in [0, {self.slots}), got {slot}.")
         if not 0 <= choice < prefix.n:
             raise ValueError(f"{fn}: `choice` must be in [0, {prefix.n}), got {choice}.")
-        return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, prefix.rows,
+        # The choice's row is sliced on the host, so the program does not depend on n.
+        row = jax.tree.map(lambda x: x[choice:choice + 1], prefix.rows)
+        return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row,
                            np.int32(choice), np.int32(slot))
 
     def decode(self, state: DecodeState) -> tuple[DecodeState, ChunkOutput]:
