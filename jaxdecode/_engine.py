@@ -360,6 +360,8 @@ class Engine:
         computed only in chunks where some row asked).
       max_eos_ids, max_stop_sequences, max_stop_len: sizes of the per-row EOS and stop tables.
       pad_id: token id written where a slot generated nothing.
+      eos_ids: the EOS ids of requests whose ``eos_id`` is None (default: the model's
+        ``config.eos_ids``; the server passes the tokenizer's when the model declares none).
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxdecode
@@ -376,7 +378,7 @@ class Engine:
 
     def __init__(self, model: Any, *, slots: int = 8, max_seq_len: int | None = None, chunk_size: int = 8,
                  top_logprobs: int = 20, max_eos_ids: int = 8, max_stop_sequences: int = 8, max_stop_len: int = 16,
-                 pad_id: int = 0):
+                 pad_id: int = 0, eos_ids: Sequence[int] | None = None):
         fn = _FN
         self.slots = V.check_count(fn, "slots", slots, 1)
         self.chunk_size = V.check_count(fn, "chunk_size", chunk_size, 1)
@@ -394,11 +396,13 @@ class Engine:
         if limit is not None:
             V.check_at_most(fn, "max_seq_len", self.max_seq_len, limit, "the model's context (model.config.max_seq_len)")
         self.model = M.as_cached(model)
-        self.eos_ids = M.default_eos_ids(model)
+        self.eos_ids = M.default_eos_ids(model) if eos_ids is None else tuple(int(e) for e in eos_ids)
         static, self._arrays = M.split(self.model)
         w = self.max_seq_len
         self.vocab = M.vocab_size(fn, static, self._arrays, "cached", 1, min(16, w), w)
         self.pad_id = V.check_token_id(fn, "pad_id", pad_id, self.vocab)
+        for e in self.eos_ids:
+            V.check_token_id(fn, "eos_ids", e, self.vocab)
         n_top = V.check_count(fn, "top_logprobs", top_logprobs, 0, "0 means off")
         self.top_logprobs = min(n_top, self.vocab)
         axes = M.cache_batch_axes(self.model.init_cache, w)
@@ -648,13 +652,14 @@ class EngineLoop:
 
     # -- submission ------------------------------------------------------------------
 
-    def submit(self, request: Request, on_update=None, on_done=None) -> Handle:
-        """Queues a request (checked now: ValueError/TypeError for a bad one)."""
+    def submit(self, request: Request, on_update=None, on_done=None, *, force: bool = False) -> Handle:
+        """Queues a request (checked now: ValueError/TypeError for a bad one). ``force``
+        ignores ``max_queue`` (offline work that paces itself)."""
         request = self.engine.check(request)
         self.engine.row_settings(request)  # every field check happens here, not in the loop
         handle = Handle(request, on_update, on_done)
         with self.lock:
-            if len(self.queue) >= self.max_queue:
+            if not force and len(self.queue) >= self.max_queue:
                 raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
             self.queue.append(handle)
             self.wakeup.notify_all()
@@ -810,15 +815,9 @@ class EngineLoop:
         while pending or self.busy():
             while pending and len(self.queue) < max(self.engine.slots, 1):
                 req = pending.popleft()
-                handles.append(self._force_submit(req, progress))
+                handles.append(self.submit(req, None, progress, force=True))
             self.step()
         return handles
-
-    def _force_submit(self, request: Request, progress) -> Handle:
-        handle = Handle(self.engine.check(request), None, progress)
-        with self.lock:
-            self.queue.append(handle)
-        return handle
 
 
 class QueueFull(RuntimeError):
