@@ -203,3 +203,23 @@ def test_stateless_model_and_seed_key():
     np.testing.assert_array_equal(jax.random.key_data(seed_key(-1)), [2**32 - 1, 2**32 - 1])
     with pytest.raises(ValueError, match="`max_seq_len` is None and the model declares no context length"):
         Engine(PlusOne(10))
+
+
+@pytest.mark.slow
+def test_real_model_seeded_request_alone_equals_among_15_concurrent():
+    """SmolLM2-135M: the target alone in a 16-slot engine, then in slot 7 among 15 requests
+    with 170-token prompts (so the cached attention reads a longer cache prefix: 256 slots
+    instead of 128) and other knobs: the same tokens and the same log-probabilities."""
+    model, tok = jaxdecode.models.load()
+    engine = Engine(model, slots=16, max_seq_len=256, chunk_size=8)
+    target = Request(tok.encode("The capital of France is"), 24, jaxdecode.SamplingParams(temperature=0.8, top_p=0.95),
+                     seed=42)
+    loop = EngineLoop(engine)
+    alone = loop.run([target])[0].choices[0]
+    long_text = " ".join(f"word{i}" for i in range(60))
+    others = [Request(tok.encode(f"{long_text} story {i}"), 20 + i,
+                      jaxdecode.SamplingParams(temperature=0.7 + 0.01 * i, top_k=20), seed=i) for i in range(15)]
+    assert len(others[0].prompt) > 128
+    under = loop.run(others[:7] + [target] + others[7:])[7].choices[0]
+    assert len(alone.tokens) == 24
+    assert under.tokens == alone.tokens and under.logprobs == alone.logprobs

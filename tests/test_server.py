@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-pytest.importorskip("starlette")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient  # noqa: E402  (the `test` extra installs starlette)
 
 import jaxdecode  # noqa: E402
 from jaxdecode._engine import Engine, EngineLoop, Request, seed_key  # noqa: E402
