@@ -223,3 +223,17 @@ def test_real_model_seeded_request_alone_equals_among_15_concurrent():
     under = loop.run(others[:7] + [target] + others[7:])[7].choices[0]
     assert len(alone.tokens) == 24
     assert under.tokens == alone.tokens and under.logprobs == alone.logprobs
+
+
+def test_engine_layering():
+    """The engine sits beside generate (floor 4: per-step maths and model handling only); the
+    front ends (_openai, _server, _batch, _cli) sit on top of it and nothing below imports them."""
+    from test_core import import_graph
+
+    graph = import_graph()
+    front = {"jaxdecode._server", "jaxdecode._openai", "jaxdecode._batch", "jaxdecode._cli"}
+    assert graph["jaxdecode._engine"] <= {"jaxdecode._model", "jaxdecode._validate", "jaxdecode._compilation",
+                                          "jaxdecode._processors", "jaxdecode._sampling", "jaxdecode._settings"}
+    for name, deps in graph.items():
+        if name not in front and name not in ("jaxdecode", "jaxdecode.__main__"):
+            assert not deps & front, (name, deps & front)
