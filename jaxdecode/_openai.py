@@ -73,11 +73,6 @@ class Parsed:
     n: int = 1
 
 
-# Fields the API defines that this server reads, or accepts and ignores (as vLLM does).
-_IGNORED = {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "prompt_logprobs",
-            "skip_special_tokens", "spaces_between_special_tokens", "include_stop_str_in_output"}
-
-
 def _is_number(x: Any) -> bool:
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -387,7 +382,7 @@ class ChoiceText:
       entries: per-token (token id, logprob, top list) of the consumed tokens.
     """
 
-    def __init__(self, tokenizer: Any, stops: Sequence[str], eos_ids: Sequence[int] = ()):
+    def __init__(self, tokenizer: Any, stops: Sequence[str]):
         self.tokenizer = tokenizer
         self.stops = list(stops)
         self.hold = max((len(s) for s in self.stops), default=1) - 1

@@ -131,8 +131,7 @@ class _Job:
     def __init__(self, state: ServingState, parsed: Parsed, aloop: asyncio.AbstractEventLoop):
         self.state, self.p, self.aloop = state, parsed, aloop
         self.events: asyncio.Queue = asyncio.Queue()
-        eos = state.engine.eos_ids
-        self.texts = [[ChoiceText(state.tokenizer, parsed.stop, eos) for _ in range(parsed.n)]
+        self.texts = [[ChoiceText(state.tokenizer, parsed.stop) for _ in range(parsed.n)]
                       for _ in parsed.requests]
         self.sent_entries = [[0] * parsed.n for _ in parsed.requests]
         self.final_sent = [[False] * parsed.n for _ in parsed.requests]

@@ -16,7 +16,7 @@ import pytest
 import jaxdecode
 from jaxdecode._engine import Engine, EngineLoop, QueueFull, Request, seed_key
 
-from fake_models import PlusOne, cached, trigram_logits, trigram_model
+from fake_models import PlusOne, trigram_logits, trigram_model
 
 V = 32
 TRIGRAM, TABLE = trigram_model(V, seed=0)

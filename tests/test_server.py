@@ -25,14 +25,12 @@ import threading
 import time
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import pytest
 
 from starlette.testclient import TestClient  # noqa: E402  (the `test` extra installs starlette)
 
 import jaxdecode  # noqa: E402
-from jaxdecode._engine import Engine, EngineLoop, Request, seed_key  # noqa: E402
+from jaxdecode._engine import Engine, EngineLoop, Request  # noqa: E402
 from jaxdecode._openai import ChoiceText, find_stop  # noqa: E402
 from jaxdecode._server import ServingState, build_app  # noqa: E402
 from jaxdecode import _batch  # noqa: E402
