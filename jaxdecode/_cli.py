@@ -7,6 +7,8 @@ Examples::
     jaxdecode "Once upon a time" --num-samples 4 --temp 0.8 --top-p 0.9 --json
     jaxdecode "Q: 2+2?\\nA:" --stop "\\n" --top-logprobs 3 --json
     jaxdecode --chat                  # on a terminal: an interactive chat (/reset, /exit)
+    jaxdecode serve --port 8000 --slots 16         # OpenAI-compatible server (jaxdecode._server)
+    jaxdecode batch --input requests.jsonl --output results.jsonl   # offline (jaxdecode._batch)
 
 Flags follow llama.cpp's ``llama-cli`` where it has one (``-n``, ``-m``, ``-s``, ``-p``, ``-f``,
 ``--temp``, ``--top-k``, ``--repeat-penalty``, ``--ignore-eos``, ...). Every field of
@@ -36,8 +38,23 @@ import sys
 import time
 from typing import Any, Callable, Sequence
 
-# name -> main(argv) -> exit code, for `jaxdecode NAME ...` (a front end registers itself here).
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {}
+def _lazy_main(module: str) -> Callable[[list[str]], int]:
+    """``module.main`` imported on use (the server stack is an optional extra)."""
+
+    def run(argv: list[str]) -> int:
+        import importlib
+
+        return importlib.import_module(module).main(list(argv))
+
+    return run
+
+
+# name -> main(argv) -> exit code, for `jaxdecode NAME ...`: `serve` (the OpenAI-compatible
+# server) and `batch` (offline, `--input F --output G`; `jaxdecode --input F --output G` too).
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "serve": _lazy_main("jaxdecode._server"),
+    "batch": _lazy_main("jaxdecode._batch"),
+}
 
 # Flag spellings of llama.cpp's llama-cli for SamplingParams fields (the first is shown in the
 # help; the API name with dashes is always accepted too). A field not listed gets
@@ -739,6 +756,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return SUBCOMMANDS[argv[0]](argv[1:])
+    if any(a == "--input" or a.startswith("--input=") for a in argv):
+        return SUBCOMMANDS["batch"](argv)
     debug = "--debug" in argv
     _ACTIVE.clear()
     try:

@@ -1,0 +1,824 @@
+"""A slot engine for serving: continuous batching on a fixed number of decode slots.
+
+The shape is JetStream's: a fixed number of **slots** (rows of one KV cache and one token
+buffer), and three compiled functions:
+
+* :meth:`Engine.prefill` runs one request's prompt (batch 1, its length padded to a bucket of
+  ``16 * 2**k`` tokens) into a fresh cache row: a :class:`Prefix`.
+* :meth:`Engine.insert` writes a prefix's cache row, token history and the request's
+  per-row settings (every :class:`jaxdecode.SamplingParams` field, its key, its
+  ``max_new_tokens``) into one free slot of the :class:`DecodeState`.
+* :meth:`Engine.decode` advances every occupied slot ``chunk_size`` tokens (one
+  ``lax.scan``): per-row penalties, bias, EOS ban, sampling knobs and keys; EOS, stop
+  sequences and ``max_new_tokens`` finish a row, which then idles until the host frees and
+  refills its slot at a chunk boundary.
+
+Everything compiles once per (slot count, prompt bucket): a slot's settings are traced
+arrays, so inserting, finishing and refilling never recompile.
+
+Reproducible per request: row ``r``'s uniform at its ``k``-th generated token is
+``uniform(fold_in(row_key, k))`` with ``row_key = fold_in(seed_key(seed), choice)``, and
+every operation of a decode step is row-wise (the model's step, the sampler, the penalties),
+run at the same shapes whatever the other slots hold, so a seeded request gets the same
+tokens alone or under load.
+
+:class:`EngineLoop` is the host-side scheduler on top (a FIFO queue, slot bookkeeping,
+callbacks per chunk); the HTTP server and the offline batch mode both run on it.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import os
+import threading
+from typing import Any, Callable, NamedTuple, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from . import _model as M
+from . import _validate as V
+from ._compilation import bucket
+from ._processors import DecodeContext, apply_frequency_presence_penalty, apply_repetition_penalty
+from ._sampling import SamplingKnobs, draw
+from ._settings import SamplingParams
+
+__all__ = ["Engine", "EngineLoop", "Request", "Prefix", "DecodeState", "ChunkOutput", "RowSettings",
+           "Completion", "seed_key", "FINISH_REASONS"]
+
+_FN = "jaxdecode.Engine"
+PROMPT_BUCKETS = (16, 2)  # as generate's: 16, 32, 64, ... tokens
+
+# Row status codes in DecodeState.reason (and ChunkOutput.reason).
+RUNNING, STOPPED, LENGTH = 0, 1, 2
+FINISH_REASONS = {STOPPED: "stop", LENGTH: "length"}
+
+
+def seed_key(seed: int) -> jax.Array:
+    """The PRNG key of a request's ``seed`` (any int; taken modulo 2**64).
+
+    Seeds below 2**32 give exactly ``jax.random.key(seed)`` (threefry key data ``[0, seed]``);
+    larger seeds use their high 32 bits as the first word, where ``jax.random.key`` would
+    silently drop them (64-bit integers are off by default in JAX).
+
+    Example:
+      >>> import jax, numpy as np
+      >>> from jaxdecode._engine import seed_key
+      >>> bool(np.all(jax.random.key_data(seed_key(7)) == jax.random.key_data(jax.random.key(7))))
+      True
+    """
+    s = int(seed) % (1 << 64)
+    return jax.random.wrap_key_data(np.array([s >> 32, s & 0xFFFFFFFF], np.uint32))
+
+
+# ---------------------------------------------------------------------------------------
+# Containers
+
+
+@dataclasses.dataclass(frozen=True)
+class Request:
+    """One generation request, in token ids.
+
+    Attributes:
+      prompt: the prompt's token ids (at least one).
+      max_new_tokens: int >= 1; prompt length + max_new_tokens must fit the engine's
+        ``max_seq_len``.
+      sampling: a :class:`jaxdecode.SamplingParams` with scalar fields (one request is one
+        row per choice). ``eos_id=None`` means the model's EOS ids.
+      seed: the request's seed (None: a fresh random one). Choice ``j``'s row key is
+        ``fold_in(seed_key(seed), j)``.
+      n: choices (samples) of the prompt, int >= 1; the prompt is prefilled once.
+      top_logprobs: int >= 0: also return the n most likely tokens of each step (raw
+        log-softmax), at most the engine's ``top_logprobs``.
+    """
+
+    prompt: Sequence[int]
+    max_new_tokens: int = 16
+    sampling: SamplingParams = dataclasses.field(default_factory=SamplingParams)
+    seed: int | None = None
+    n: int = 1
+    top_logprobs: int = 0
+
+
+class RowSettings(NamedTuple):
+    """Per-row settings of the decode slots (leading axis: rows). Every field is traced.
+
+    Attributes:
+      key: uint32[R, 2] key data of each row's PRNG key.
+      knobs: :class:`jaxdecode.SamplingKnobs` (temperature, top_k, top_p, min_p, typical_p), each [R].
+      repetition_penalty, frequency_penalty, presence_penalty: float32[R].
+      logit_bias: float32[R, V] (zeros when off).
+      eos_ids: int32[R, E]; unused entries hold V (outside the vocabulary: never matched).
+      min_new_tokens: int32[R].
+      stop_seqs: int32[R, S, M] right-aligned stop sequences; stop_lens: int32[R, S] (0: unused).
+      max_new_tokens: int32[R].
+      want_top: bool[R]: the row asked for top log-probabilities.
+    """
+
+    key: jax.Array
+    knobs: SamplingKnobs
+    repetition_penalty: jax.Array
+    frequency_penalty: jax.Array
+    presence_penalty: jax.Array
+    logit_bias: jax.Array
+    eos_ids: jax.Array
+    min_new_tokens: jax.Array
+    stop_seqs: jax.Array
+    stop_lens: jax.Array
+    max_new_tokens: jax.Array
+    want_top: jax.Array
+
+
+class Prefix(NamedTuple):
+    """One prefilled request, ready for :meth:`Engine.insert`.
+
+    Attributes:
+      cache: the model's cache for one row (batch 1, ``max_seq_len`` slots).
+      logits: float32[1, V], the next-token logits after the prompt.
+      context: the row's :class:`jaxdecode.DecodeContext` (token buffer of ``max_seq_len``).
+      rows: :class:`RowSettings` of the request's ``n`` choices, NumPy arrays on the host
+        (leading axis n; the key is the request's base key, folded with the choice index at
+        insert).
+      prompt_len: the prompt's length (host int).
+      n: the number of choices.
+      top_logprobs: alternatives per step the request asked for.
+    """
+
+    cache: Any
+    logits: jax.Array
+    context: DecodeContext
+    rows: RowSettings
+    prompt_len: int
+    n: int
+    top_logprobs: int
+
+
+class DecodeState(NamedTuple):
+    """The slots (S rows): cache, next-token logits, history, status and settings.
+
+    Attributes:
+      cache: the model's cache, batch S.
+      logits: float32[S, V]: each slot's next-token logits.
+      context: :class:`jaxdecode.DecodeContext` of the S slots.
+      reason: int32[S]: 0 while the row generates, 1 finished by EOS / stop sequence, 2 by
+        ``max_new_tokens``. A free slot holds a finished row.
+      rows: :class:`RowSettings` of the S slots.
+    """
+
+    cache: Any
+    logits: jax.Array
+    context: DecodeContext
+    reason: jax.Array
+    rows: RowSettings
+
+
+class ChunkOutput(NamedTuple):
+    """What one :meth:`Engine.decode` call generated (S slots, c steps, K alternatives).
+
+    Attributes:
+      tokens: int32[S, c] (``pad_id`` where ``valid`` is False).
+      valid: bool[S, c]: the slot generated a token at that step.
+      logprobs: float32[S, c]: under the distribution the token was drawn from.
+      raw_logprobs: float32[S, c]: the model's own log-softmax at the token.
+      top_ids, top_logprobs: int32 / float32 [S, c, K]: the K most likely tokens (raw
+        log-softmax), for rows that asked for them.
+      reason: int32[S]: each slot's status after the chunk (see :class:`DecodeState`).
+    """
+
+    tokens: jax.Array
+    valid: jax.Array
+    logprobs: jax.Array
+    raw_logprobs: jax.Array
+    top_ids: jax.Array
+    top_logprobs: jax.Array
+    reason: jax.Array
+
+
+class _Config(NamedTuple):
+    """Static configuration of the compiled engine functions."""
+
+    model: Any  # _model.split's static part
+    slots: int
+    window: int  # max_seq_len: cache slots and token-buffer length per row
+    vocab: int
+    chunk: int
+    num_top: int
+    axes: Any  # M._Static(cache batch axes)
+
+
+# ---------------------------------------------------------------------------------------
+# Compiled pieces
+
+
+def _stop_match(tokens, lengths, generated, seqs, seq_lens):
+    """bool[R]: the row's generated tokens end with one of its own stop sequences.
+
+    ``seqs`` int32[R, S, M] right-aligned, ``seq_lens`` int32[R, S] (0: an unused entry)."""
+    m = seqs.shape[-1]
+    pos = lengths[:, None] - m + jnp.arange(m, dtype=jnp.int32)[None, :]
+    tail = jnp.take_along_axis(tokens, jnp.clip(pos, 0, tokens.shape[1] - 1), axis=1)  # [R, M]
+    used = jnp.arange(m, dtype=jnp.int32)[None, None, :] >= (m - seq_lens)[:, :, None]  # [R, S, M]
+    eq = (tail[:, None, :] == seqs) | ~used
+    ok = (seq_lens > 0) & (generated[:, None] >= seq_lens)
+    return jnp.any(jnp.all(eq, axis=-1) & ok, axis=-1)
+
+
+def _process_logits(vocab: int, rows: RowSettings, raw, ctx: DecodeContext):
+    """Penalties, bias and the EOS ban before ``min_new_tokens``, per row, in vLLM's order
+    (the same operations as :func:`jaxdecode.generate`'s step)."""
+    seen = ctx.prompt_mask | (ctx.token_counts > 0)
+    l = apply_repetition_penalty(raw, seen, rows.repetition_penalty)
+    l = apply_frequency_presence_penalty(l, ctx.token_counts, rows.frequency_penalty, rows.presence_penalty)
+    l = l + rows.logit_bias
+    r = raw.shape[0]
+    eos_mask = jnp.zeros((r, vocab), bool).at[jnp.arange(r)[:, None], rows.eos_ids].set(True, mode="drop")
+    early = (ctx.step < rows.min_new_tokens)[:, None]
+    return jnp.where(early & eos_mask, -jnp.inf, l)
+
+
+def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
+    """One step of every slot: draw, write, finish, then the model for the next logits.
+
+    A row's result depends only on its own slot: the sampler and the model step are
+    row-wise, and the two ``lax.cond`` (sampling, model call) only skip work when no row
+    needs it."""
+    s, rows, ctx = cfg.slots, state.rows, state.context
+    active = state.reason == RUNNING
+    keys = jax.random.wrap_key_data(rows.key)
+
+    def sample(_):
+        logits = _process_logits(cfg.vocab, rows, state.logits, ctx)
+        u = jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(keys, ctx.step)
+        ids, lp = draw(u, logits, rows.knobs)
+        raw_all = jax.nn.log_softmax(state.logits, axis=-1)
+        raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
+
+        def top(_):  # barrier: keeps XLA:CPU's fast TopK (as generate's step)
+            t_lp, t_ids = lax.optimization_barrier(lax.top_k(raw_all, cfg.num_top))
+            return t_ids.astype(jnp.int32), t_lp
+
+        def no_top(_):
+            return jnp.zeros((s, cfg.num_top), jnp.int32), jnp.zeros((s, cfg.num_top), jnp.float32)
+
+        top_ids, top_lp = lax.cond(jnp.any(active & rows.want_top), top, no_top, None)
+        return ids, lp, raw_lp, top_ids, top_lp
+
+    def no_sample(_):
+        z = jnp.zeros((s,), jnp.float32)
+        return (jnp.zeros((s,), jnp.int32), z, z, jnp.zeros((s, cfg.num_top), jnp.int32),
+                jnp.zeros((s, cfg.num_top), jnp.float32))
+
+    ids, lp, raw_lp, top_ids, top_lp = lax.cond(jnp.any(active), sample, no_sample, None)
+    ctx = ctx.advance(ids, active)
+    hit = jnp.any(ids[:, None] == rows.eos_ids, axis=-1)
+    hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, rows.stop_seqs, rows.stop_lens)
+    reason = jnp.where(active & hit, STOPPED, state.reason)
+    reason = jnp.where(active & (reason == RUNNING) & (ctx.step >= rows.max_new_tokens), LENGTH, reason)
+    running = reason == RUNNING
+
+    def run_model(operand):
+        cache, _ = operand
+        toks = jnp.where(running, ids, pad_id)[:, None]
+        pos = jnp.where(running, ctx.lengths - 1, 0)[:, None]  # idle rows write their own slot 0
+        out, cache = M.cached_step(_FN, model, toks, pos, cache, "step (decode)", cfg.vocab)
+        return out[:, 0].astype(jnp.float32), cache
+
+    logits, cache = lax.cond(jnp.any(running), run_model, lambda op: (op[1], op[0]), (state.cache, state.logits))
+    out = (jnp.where(active, ids, pad_id), active, jnp.where(active, lp, 0.0), jnp.where(active, raw_lp, 0.0),
+           jnp.where(active[:, None], top_ids, pad_id), jnp.where(active[:, None], top_lp, 0.0))
+    return DecodeState(cache, logits, ctx, reason, rows), out
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
+def _decode_jit(cfg: _Config, arrays, pad_id, state: DecodeState):
+    model = M.merge(cfg.model, arrays)
+    state, ys = lax.scan(functools.partial(_decode_step, cfg, model, pad_id), state, None, length=cfg.chunk)
+    toks, valid, lp, raw, top_ids, top_lp = ys
+    swap = lambda x: jnp.swapaxes(x, 0, 1)  # [c, S, ...] -> [S, c, ...]
+    return state, ChunkOutput(swap(toks), swap(valid), swap(lp), swap(raw), swap(top_ids), swap(top_lp),
+                              state.reason)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _prefill_jit(cfg: _Config, pb: int, arrays, tokens, length, pad_id):
+    """The prompt ([1, pb], right-padded) into a fresh one-row cache of ``window`` slots."""
+    model = M.merge(cfg.model, arrays)
+    cache = model.init_cache(1, cfg.window)
+    logits, cache = M.prefill(_FN, model, tokens, cache, length, cfg.vocab)
+    ctx = DecodeContext.from_prompt(tokens, cfg.vocab, length, cfg.window, pad_id)
+    return cache, logits.astype(jnp.float32), ctx
+
+
+def _put_row(big, small, slot, axis):
+    return lax.dynamic_update_slice_in_dim(big, small.astype(big.dtype), slot, axis)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=(1,))
+def _insert_jit(cfg: _Config, state: DecodeState, cache, logits, ctx, rows: RowSettings, choice, slot):
+    """Writes a one-row prefix and one choice's settings (``rows``, batch 1) into ``slot``."""
+    axes = cfg.axes.obj
+    new_cache = jax.tree.map(lambda big, small, ax: big if ax is None else _put_row(big, small, slot, ax),
+                             state.cache, cache, axes, is_leaf=lambda v: v is None)
+    key = jax.random.fold_in(jax.random.wrap_key_data(rows.key[0]), choice)
+    one = rows._replace(key=jax.random.key_data(key)[None])
+    put = lambda big, small: _put_row(big, small, slot, 0)
+    return DecodeState(
+        cache=new_cache,
+        logits=put(state.logits, logits),
+        context=jax.tree.map(put, state.context, ctx),
+        reason=state.reason.at[slot].set(RUNNING),
+        rows=jax.tree.map(put, state.rows, one),
+    )
+
+
+@functools.partial(jax.jit, donate_argnums=(0,))
+def _release_jit(reason, slot):
+    return reason.at[slot].set(jnp.where(reason[slot] == RUNNING, STOPPED, reason[slot]))
+
+
+# ---------------------------------------------------------------------------------------
+# The engine
+
+
+class Engine:
+    """A fixed number of decode slots over one model (JetStream's prefill / insert / decode).
+
+    Args:
+      model: a KV-cached model (``init_cache`` / ``step``; ``jaxdecode.models`` models), or
+        a stateless causal one (run on the whole buffer every step, for tests).
+      slots: int >= 1, the rows decoded together.
+      max_seq_len: tokens per slot (prompt + generated). Default: the model's
+        ``config.max_seq_len``; required when the model declares none.
+      chunk_size: int >= 1, decode steps per :meth:`decode` call (slots are refilled between
+        calls).
+      top_logprobs: int >= 0, the most alternatives per step a request may ask for (static:
+        computed only in chunks where some row asked).
+      max_eos_ids, max_stop_sequences, max_stop_len: sizes of the per-row EOS and stop tables.
+      pad_id: token id written where a slot generated nothing.
+      eos_ids: the EOS ids of requests whose ``eos_id`` is None (default: the model's
+        ``config.eos_ids``; the server passes the tokenizer's when the model declares none).
+
+    Example:
+      >>> import jax, jax.numpy as jnp, jaxdecode
+      >>> from jaxdecode._engine import Engine, Request
+      >>> model = lambda t: 5.0 * jax.nn.one_hot((t + 1) % 10, 10)  # next = current + 1
+      >>> engine = Engine(model, slots=2, max_seq_len=32, chunk_size=4)
+      >>> state = engine.init_state()
+      >>> prefix = engine.prefill(Request([1, 2], max_new_tokens=3, sampling=jaxdecode.SamplingParams(temperature=0)))
+      >>> state = engine.insert(prefix, state, slot=1)
+      >>> state, out = engine.decode(state)
+      >>> out.tokens[1][out.valid[1]].tolist(), int(out.reason[1])
+      ([3, 4, 5], 2)
+    """
+
+    def __init__(self, model: Any, *, slots: int = 8, max_seq_len: int | None = None, chunk_size: int = 8,
+                 top_logprobs: int = 20, max_eos_ids: int = 8, max_stop_sequences: int = 8, max_stop_len: int = 16,
+                 pad_id: int = 0, eos_ids: Sequence[int] | None = None):
+        fn = _FN
+        self.slots = V.check_count(fn, "slots", slots, 1)
+        self.chunk_size = V.check_count(fn, "chunk_size", chunk_size, 1)
+        self.max_eos_ids = V.check_count(fn, "max_eos_ids", max_eos_ids, 1)
+        self.max_stop_sequences = V.check_count(fn, "max_stop_sequences", max_stop_sequences, 1)
+        self.max_stop_len = V.check_count(fn, "max_stop_len", max_stop_len, 1)
+        M.model_kind(fn, model)
+        limit = M.context_limit(model)
+        if max_seq_len is None:
+            if limit is None:
+                raise ValueError(f"{fn}: `max_seq_len` is None and the model declares no context length "
+                                 f"(model.config.max_seq_len); pass max_seq_len=<tokens per slot>.")
+            max_seq_len = limit
+        self.max_seq_len = V.check_count(fn, "max_seq_len", max_seq_len, 2)
+        if limit is not None:
+            V.check_at_most(fn, "max_seq_len", self.max_seq_len, limit, "the model's context (model.config.max_seq_len)")
+        self.model = M.as_cached(model)
+        self.eos_ids = M.default_eos_ids(model) if eos_ids is None else tuple(int(e) for e in eos_ids)
+        static, self._arrays = M.split(self.model)
+        w = self.max_seq_len
+        self.vocab = M.vocab_size(fn, static, self._arrays, "cached", 1, min(16, w), w)
+        self.pad_id = V.check_token_id(fn, "pad_id", pad_id, self.vocab)
+        for e in self.eos_ids:
+            V.check_token_id(fn, "eos_ids", e, self.vocab)
+        n_top = V.check_count(fn, "top_logprobs", top_logprobs, 0, "0 means off")
+        self.top_logprobs = min(n_top, self.vocab)
+        axes = M.cache_batch_axes(self.model.init_cache, w)
+        self._cfg = _Config(static, self.slots, w, self.vocab, self.chunk_size, max(self.top_logprobs, 1),
+                            M._Static(axes))
+        self._pad = jnp.asarray(np.int32(self.pad_id))
+
+    # -- host-side request checks -----------------------------------------------------
+
+    def check(self, request: Request) -> Request:
+        """Checks a request against the engine (eagerly; ValueError/TypeError naming the
+        field) and returns it with its seed set."""
+        fn = f"{_FN}.prefill"
+        if not isinstance(request, Request):
+            raise TypeError(f"{fn}: `request` must be a jaxdecode Request, got {type(request).__name__}.")
+        prompt = np.asarray(request.prompt)
+        if prompt.ndim != 1 or prompt.size == 0 or prompt.dtype.kind not in "iu":
+            raise ValueError(f"{fn}: `prompt` must be a non-empty list of token ids, got {request.prompt!r:.80}.")
+        bad = (prompt < 0) | (prompt >= self.vocab)
+        if bad.any():
+            raise ValueError(f"{fn}: `prompt` has token id {int(prompt[bad][0])}, outside the vocabulary "
+                             f"[0, {self.vocab}).")
+        n_new = V.check_count(fn, "max_new_tokens", request.max_new_tokens, 1)
+        if prompt.size + n_new > self.max_seq_len:
+            raise ValueError(f"{fn}: the prompt ({prompt.size} tokens) + `max_new_tokens` ({n_new}) = "
+                             f"{prompt.size + n_new} exceeds max_seq_len={self.max_seq_len} tokens per slot.")
+        n = V.check_count(fn, "n", request.n, 1)
+        V.check_at_most(fn, "n", n, self.slots, "the number of slots")
+        top = V.check_count(fn, "top_logprobs", request.top_logprobs, 0, "0 means off")
+        V.check_at_most(fn, "top_logprobs", top, self.top_logprobs, "the engine's top_logprobs")
+        if not isinstance(request.sampling, SamplingParams):
+            raise TypeError(f"{fn}: `sampling` must be a jaxdecode.SamplingParams, got "
+                            f"{type(request.sampling).__name__}.")
+        seed = request.seed
+        if seed is None:
+            seed = int.from_bytes(os.urandom(8), "little")
+        else:
+            seed = V.as_int(fn, "seed", seed, "an int")
+        return dataclasses.replace(request, seed=seed)
+
+    def row_settings(self, request: Request) -> RowSettings:
+        """The request's per-row settings (n rows), built on the host: values vary, shapes
+        never do, so nothing recompiles."""
+        fn, sp, n, vocab = f"{_FN}.prefill", request.sampling, request.n, self.vocab
+
+        def scalar(name, dtype):
+            value = getattr(sp, name)
+            if np.ndim(value) != 0:
+                raise ValueError(f"{fn}: `{name}` must be a scalar per request, got shape {np.shape(value)}.")
+            return np.full((n,), value, dtype)
+
+        knobs = SamplingKnobs(scalar("temperature", np.float32), scalar("top_k", np.int32),
+                              scalar("top_p", np.float32), scalar("min_p", np.float32),
+                              scalar("typical_p", np.float32))
+        bias = np.zeros((vocab,), np.float32)
+        if isinstance(sp.logit_bias, dict):
+            for t, val in sp.logit_bias.items():
+                V.check_token_id(fn, "logit_bias key", t, vocab)
+                bias[t] = float(val)
+        elif sp.logit_bias is not None:
+            arr = np.asarray(sp.logit_bias, np.float32)
+            if arr.shape != (vocab,):
+                raise ValueError(f"{fn}: `logit_bias` must be a dict or shape ({vocab},), got {arr.shape}.")
+            bias = arr
+        eos = self.eos_ids if sp.eos_id is None else sp.eos_id
+        if len(eos) > self.max_eos_ids:
+            raise ValueError(f"{fn}: `eos_id` has {len(eos)} ids; this engine allows at most {self.max_eos_ids}.")
+        eos_row = np.full((self.max_eos_ids,), vocab, np.int32)
+        for j, t in enumerate(eos):
+            eos_row[j] = V.check_token_id(fn, "eos_id", t, vocab)
+        ns, ml = self.max_stop_sequences, self.max_stop_len
+        seqs, lens = np.zeros((ns, ml), np.int32), np.zeros((ns,), np.int32)
+        stops = sp.stop_sequences or ()
+        if len(stops) > ns:
+            raise ValueError(f"{fn}: `stop_sequences` has {len(stops)} sequences; this engine allows at most {ns}.")
+        for j, seq in enumerate(stops):
+            if len(seq) > ml:
+                raise ValueError(f"{fn}: `stop_sequences[{j}]` has {len(seq)} tokens; this engine allows at most {ml}.")
+            for t in seq:
+                V.check_token_id(fn, f"stop_sequences[{j}]", t, vocab)
+            seqs[j, ml - len(seq):] = seq
+            lens[j] = len(seq)
+        seed = int(request.seed) % (1 << 64)  # seed_key's key data, built on the host
+        key = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
+        rep = lambda x: np.broadcast_to(x, (n,) + np.shape(x)).copy()
+        return RowSettings(
+            key=rep(key), knobs=knobs,
+            repetition_penalty=scalar("repetition_penalty", np.float32),
+            frequency_penalty=scalar("frequency_penalty", np.float32),
+            presence_penalty=scalar("presence_penalty", np.float32),
+            logit_bias=rep(bias), eos_ids=rep(eos_row), min_new_tokens=scalar("min_new_tokens", np.int32),
+            stop_seqs=rep(seqs), stop_lens=rep(lens),
+            max_new_tokens=np.full((n,), request.max_new_tokens, np.int32),
+            want_top=np.full((n,), request.top_logprobs > 0, bool),
+        )
+
+    # -- the three compiled steps -----------------------------------------------------
+
+    def init_state(self) -> DecodeState:
+        """Every slot free (finished)."""
+        s, w, v = self.slots, self.max_seq_len, self.vocab
+        ctx = DecodeContext.from_prompt(jnp.full((s, 1), self.pad_id, jnp.int32), v, None, w, self.pad_id)
+        zeros = lambda dtype: jnp.zeros((s,), dtype)
+        rows = RowSettings(
+            key=jnp.zeros((s, 2), jnp.uint32),
+            knobs=SamplingKnobs(zeros(jnp.float32), zeros(jnp.int32), jnp.ones((s,)), zeros(jnp.float32),
+                                jnp.ones((s,))),
+            repetition_penalty=jnp.ones((s,)), frequency_penalty=zeros(jnp.float32),
+            presence_penalty=zeros(jnp.float32), logit_bias=jnp.zeros((s, v)),
+            eos_ids=jnp.full((s, self.max_eos_ids), v, jnp.int32), min_new_tokens=zeros(jnp.int32),
+            stop_seqs=jnp.zeros((s, self.max_stop_sequences, self.max_stop_len), jnp.int32),
+            stop_lens=jnp.zeros((s, self.max_stop_sequences), jnp.int32),
+            max_new_tokens=zeros(jnp.int32), want_top=zeros(bool),
+        )
+        return DecodeState(self.model.init_cache(s, w), jnp.zeros((s, v), jnp.float32), ctx,
+                           jnp.full((s,), STOPPED, jnp.int32), rows)
+
+    def prefill(self, request: Request) -> Prefix:
+        """Runs one request's prompt (checked first; batch 1, padded to a prompt bucket)."""
+        request = self.check(request)
+        rows = self.row_settings(request)
+        p = len(request.prompt)
+        pb = min(bucket(p, *PROMPT_BUCKETS), self.max_seq_len)
+        tokens = np.full((1, pb), self.pad_id, np.int32)
+        tokens[0, :p] = np.asarray(request.prompt, np.int32)
+        cache, logits, ctx = _prefill_jit(self._cfg, pb, self._arrays, tokens, np.array([p], np.int32), self._pad)
+        return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs)
+
+    def insert(self, prefix: Prefix, state: DecodeState, slot: int, choice: int = 0) -> DecodeState:
+        """Writes choice ``choice`` of a prefilled request into ``slot`` (donates ``state``)."""
+        fn = f"{_FN}.insert"
+        slot = V.as_int(fn, "slot", slot, f"a slot in [0, {self.slots})")
+        choice = V.as_int(fn, "choice", choice, f"a choice in [0, {prefix.n})")
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"{fn}: `slot` must be in [0, {self.slots}), got {slot}.")
+        if not 0 <= choice < prefix.n:
+            raise ValueError(f"{fn}: `choice` must be in [0, {prefix.n}), got {choice}.")
+        # The choice's row is sliced on the host, so the program does not depend on n.
+        row = jax.tree.map(lambda x: x[choice:choice + 1], prefix.rows)
+        return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row,
+                           np.int32(choice), np.int32(slot))
+
+    def decode(self, state: DecodeState) -> tuple[DecodeState, ChunkOutput]:
+        """Advances every running slot ``chunk_size`` tokens (donates ``state``)."""
+        return _decode_jit(self._cfg, self._arrays, self._pad, state)
+
+    def release(self, state: DecodeState, slot: int) -> DecodeState:
+        """Stops ``slot`` now (a cancelled request): it generates nothing more."""
+        return state._replace(reason=_release_jit(state.reason, np.int32(slot)))
+
+    def compiled_count(self) -> int:
+        """How many programs the engine's jitted functions hold (for compilation tests)."""
+        return sum(f._cache_size() for f in (_prefill_jit, _insert_jit, _decode_jit, _release_jit))
+
+
+# ---------------------------------------------------------------------------------------
+# The host-side scheduler
+
+
+@dataclasses.dataclass
+class Completion:
+    """One choice's result so far (host lists).
+
+    Attributes:
+      tokens: generated token ids.
+      logprobs: raw log-probabilities of each token (the model's log-softmax, as vLLM and
+        OpenAI report them).
+      sampled_logprobs: log-probabilities under the distribution each token was drawn from.
+      top: per step, a list of (token id, raw log-probability), best first (empty unless the
+        request asked for ``top_logprobs``).
+      finish_reason: None while running, then "stop" (EOS / stop sequence / stopped by the
+        caller), "length" (``max_new_tokens``) or "abort" (cancelled or an engine error).
+    """
+
+    tokens: list = dataclasses.field(default_factory=list)
+    logprobs: list = dataclasses.field(default_factory=list)
+    sampled_logprobs: list = dataclasses.field(default_factory=list)
+    top: list = dataclasses.field(default_factory=list)
+    finish_reason: str | None = None
+
+
+class Handle:
+    """A submitted request in an :class:`EngineLoop`: its choices' results and callbacks.
+
+    ``on_update(handle, choice, new_token_count)`` is called (on the loop's thread) after every
+    chunk that gave the choice tokens or finished it; it may call :meth:`stop_choice` (a stop
+    string was found) or :meth:`cancel`. ``on_done(handle)`` is called once, when every choice
+    has finished.
+    """
+
+    _ids = itertools.count()
+
+    def __init__(self, request: Request, on_update=None, on_done=None):
+        self.id = next(Handle._ids)
+        self.request = request
+        self.choices = [Completion() for _ in range(request.n)]
+        self.on_update, self.on_done = on_update, on_done
+        self.prefix: Prefix | None = None
+        self.next_choice = 0  # choices inserted so far
+        self.cancelled = False
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+        self._stop: set[int] = set()
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt)
+
+    def stop_choice(self, choice: int, reason: str = "stop") -> None:
+        """Finishes one choice now (its slot is freed at the next chunk boundary)."""
+        if self.choices[choice].finish_reason is None:
+            self.choices[choice].finish_reason = reason
+            self._stop.add(choice)
+
+    def cancel(self) -> None:
+        """Aborts every unfinished choice (a client went away); slots free at the next chunk."""
+        self.cancelled = True
+
+    def wait(self, timeout: float | None = None) -> bool:
+        return self.done.wait(timeout)
+
+
+class EngineLoop:
+    """FIFO admission, slot bookkeeping and result dispatch around an :class:`Engine`.
+
+    Call :meth:`submit` from any thread and :meth:`step` from one (the server runs it in a
+    background thread; :meth:`run` drives it to completion for offline work). Each step
+    admits queued requests into free slots (prefilling each once, inserting its choices as
+    slots free up, in order), runs one decode chunk, hands the new tokens to each request's
+    callbacks and frees the slots whose rows finished.
+
+    Args:
+      engine: the :class:`Engine`.
+      max_queue: most requests waiting for a slot; :meth:`submit` raises
+        :class:`QueueFull` beyond it (the server answers 503).
+    """
+
+    def __init__(self, engine: Engine, max_queue: int = 256):
+        self.engine = engine
+        self.max_queue = max_queue
+        self.state = engine.init_state()
+        self.slot_owner: list[tuple[Handle, int] | None] = [None] * engine.slots
+        self.queue: collections.deque[Handle] = collections.deque()
+        self.lock = threading.Lock()
+        self.wakeup = threading.Condition(self.lock)
+        self.stats = collections.Counter()
+
+    # -- submission ------------------------------------------------------------------
+
+    def submit(self, request: Request, on_update=None, on_done=None, *, force: bool = False) -> Handle:
+        """Queues a request (checked now: ValueError/TypeError for a bad one). ``force``
+        ignores ``max_queue`` (offline work that paces itself)."""
+        request = self.engine.check(request)
+        self.engine.row_settings(request)  # every field check happens here, not in the loop
+        handle = Handle(request, on_update, on_done)
+        with self.lock:
+            if not force and len(self.queue) >= self.max_queue:
+                raise QueueFull(f"the queue is full ({self.max_queue} requests waiting); retry later")
+            self.queue.append(handle)
+            self.wakeup.notify_all()
+        return handle
+
+    def busy(self) -> bool:
+        with self.lock:
+            return bool(self.queue) or any(o is not None for o in self.slot_owner)
+
+    def wait_for_work(self, timeout: float | None = None) -> bool:
+        with self.lock:
+            if self.queue or any(o is not None for o in self.slot_owner):
+                return True
+            self.wakeup.wait(timeout)
+            return bool(self.queue)
+
+    # -- one iteration -----------------------------------------------------------------
+
+    def _finish(self, handle: Handle) -> None:
+        if handle.done.is_set():
+            return
+        handle.prefix = None
+        handle.done.set()
+        if handle.on_done is not None:
+            handle.on_done(handle)
+
+    def _free(self, slot: int) -> None:
+        """Frees a slot whose row may still be running on the device."""
+        self.slot_owner[slot] = None
+        self.state = self.engine.release(self.state, slot)
+
+    def _admit(self) -> None:
+        free = [i for i, o in enumerate(self.slot_owner) if o is None]
+        while free:
+            with self.lock:
+                if not self.queue:
+                    return
+                handle = self.queue[0]
+            if handle.cancelled:
+                with self.lock:
+                    self.queue.popleft()
+                for c in handle.choices:
+                    c.finish_reason = c.finish_reason or "abort"
+                self._finish(handle)
+                continue
+            if handle.prefix is None:
+                try:
+                    handle.prefix = self.engine.prefill(handle.request)
+                except Exception as e:  # a request that fails must not stop the others
+                    with self.lock:
+                        self.queue.popleft()
+                    handle.error = e
+                    for c in handle.choices:
+                        c.finish_reason = "abort"
+                    self._finish(handle)
+                    continue
+                self.stats["prefills"] += 1
+            while free and handle.next_choice < handle.request.n:
+                slot = free.pop(0)
+                self.state = self.engine.insert(handle.prefix, self.state, slot, handle.next_choice)
+                self.slot_owner[slot] = (handle, handle.next_choice)
+                handle.next_choice += 1
+            if handle.next_choice == handle.request.n:
+                handle.prefix = None  # the cache row is in the slots now
+                with self.lock:
+                    self.queue.popleft()
+            else:
+                return  # FIFO: the head request waits for more slots
+
+    def step(self) -> bool:
+        """Admit, decode one chunk, dispatch, free. Returns whether any slot ran."""
+        # Chunk boundary: cancelled requests and choices stopped by the caller free their slots.
+        for slot, owner in enumerate(self.slot_owner):
+            if owner is None:
+                continue
+            handle, choice = owner
+            if handle.cancelled or choice in handle._stop:
+                if handle.cancelled:
+                    handle.choices[choice].finish_reason = handle.choices[choice].finish_reason or "abort"
+                self._free(slot)
+                self._maybe_done(handle)
+        self._admit()
+        if all(o is None for o in self.slot_owner):
+            return False
+        self.state, out = self.engine.decode(self.state)
+        out = jax.device_get(out)
+        self.stats["chunks"] += 1
+        touched: dict[int, Handle] = {}
+        for slot, owner in enumerate(self.slot_owner):
+            if owner is None:
+                continue
+            handle, choice = owner
+            comp = handle.choices[choice]
+            valid = out.valid[slot]
+            new = int(valid.sum())
+            reason = int(out.reason[slot])
+            if comp.finish_reason is not None:  # stopped by the caller: the row still runs
+                self._free(slot)
+                touched[handle.id] = handle
+                continue
+            comp.tokens.extend(int(t) for t in out.tokens[slot][valid])
+            comp.logprobs.extend(float(x) for x in out.raw_logprobs[slot][valid])
+            comp.sampled_logprobs.extend(float(x) for x in out.logprobs[slot][valid])
+            k = handle.request.top_logprobs
+            if k:
+                for j in np.nonzero(valid)[0]:
+                    comp.top.append([(int(t), float(l)) for t, l in zip(out.top_ids[slot, j, :k],
+                                                                        out.top_logprobs[slot, j, :k])])
+            if reason != RUNNING:
+                comp.finish_reason = FINISH_REASONS[reason]
+            self.stats["tokens"] += new
+            if handle.on_update is not None and (new or comp.finish_reason is not None):
+                try:
+                    handle.on_update(handle, choice, new)
+                except Exception as e:  # a broken callback aborts its request only
+                    handle.error = e
+                    handle.cancel()
+            if comp.finish_reason is not None:
+                if reason == RUNNING:  # the callback stopped it (a stop string)
+                    self._free(slot)
+                else:
+                    self.slot_owner[slot] = None  # the row is finished in the state already
+                touched[handle.id] = handle
+        for handle in touched.values():
+            self._maybe_done(handle)
+        return True
+
+    def _maybe_done(self, handle: Handle) -> None:
+        if handle.next_choice == handle.request.n and all(c.finish_reason is not None for c in handle.choices):
+            self._finish(handle)
+
+    def abort_all(self, error: BaseException | None = None) -> None:
+        """Finishes every queued and running request with "abort" (shutdown, engine error)
+        and resets the slots."""
+        with self.lock:
+            pending = list(self.queue)
+            self.queue.clear()
+        running = {o[0].id: o[0] for o in self.slot_owner if o is not None}
+        self.slot_owner = [None] * self.engine.slots
+        for handle in pending + list(running.values()):
+            handle.error = handle.error or error
+            for c in handle.choices:
+                c.finish_reason = c.finish_reason or "abort"
+            self._finish(handle)
+        self.state = self.engine.init_state()
+
+    def run(self, requests: Sequence[Request], progress: Callable[[Handle], None] | None = None) -> list[Handle]:
+        """Runs every request to completion (offline); returns the handles in input order.
+
+        Requests are queued as slots allow (the queue limit does not apply)."""
+        handles: list[Handle] = []
+        pending = collections.deque(requests)
+        while pending or self.busy():
+            while pending and len(self.queue) < max(self.engine.slots, 1):
+                req = pending.popleft()
+                handles.append(self.submit(req, None, progress, force=True))
+            self.step()
+        return handles
+
+
+class QueueFull(RuntimeError):
+    """The engine loop's queue is full (the server answers 503)."""

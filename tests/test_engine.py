@@ -1,0 +1,239 @@
+"""The slot engine (jaxdecode/_engine.py): prefill / insert / decode chunks, per-row settings,
+reproducibility under load, compilations, scheduling and faults.
+
+Fake models (tests/fake_models.py) give exact outputs, so the engine is checked token for
+token against :func:`jaxdecode.generate` on the same request: row key
+``fold_in(jax.random.key(seed), choice)`` there is what the engine uses per choice.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import jaxdecode
+from jaxdecode._engine import Engine, EngineLoop, QueueFull, Request, seed_key
+
+from fake_models import PlusOne, trigram_logits, trigram_model
+
+V = 32
+TRIGRAM, TABLE = trigram_model(V, seed=0)
+W = 64  # max_seq_len of the test engines
+
+
+def _engine(slots=4, chunk=4, top=3):
+    return Engine(TRIGRAM, slots=slots, max_seq_len=W, chunk_size=chunk, top_logprobs=top)
+
+
+ENGINE4 = _engine()
+ENGINE16 = _engine(slots=16)
+
+
+def _generate(req: Request, choice: int = 0):
+    key = jax.random.fold_in(seed_key(req.seed), choice)[None]
+    out = jaxdecode.generate(TRIGRAM, jnp.asarray([req.prompt]), req.max_new_tokens, key=key, sampling=req.sampling)
+    p = len(req.prompt)
+    n = int(out.num_generated[0])
+    return out.tokens[0, p:p + n].tolist(), out.raw_logprobs[0, :n].tolist()
+
+
+REQUESTS = [
+    Request([1, 2, 3], 12, jaxdecode.SamplingParams(temperature=0.9, top_k=10, repetition_penalty=1.3, eos_id=[5]), seed=3),
+    Request([7] * 20, 9, jaxdecode.SamplingParams(temperature=0.0, logit_bias={4: 3.0}, eos_id=()), seed=0),
+    Request([4, 9], 15, jaxdecode.SamplingParams(temperature=1.2, top_p=0.8, min_p=0.02, frequency_penalty=0.5,
+                                                  presence_penalty=0.3, eos_id=[1, 2], min_new_tokens=6), seed=11),
+    Request([30, 31, 0, 1, 2], 10, jaxdecode.SamplingParams(temperature=0.7, stop_sequences=[[3, 4], [9]], eos_id=()),
+            seed=2**40 + 5),
+    Request([12], 7, jaxdecode.SamplingParams(temperature=1.0, typical_p=0.9, eos_id=()), seed=99),
+]
+
+
+def test_engine_equals_generate_per_request_with_refills():
+    # 5 requests on 4 slots: the last one waits for a slot and reuses a freed one.
+    loop = EngineLoop(ENGINE4)
+    handles = loop.run(REQUESTS)
+    for req, h in zip(REQUESTS, handles):
+        toks, lps = _generate(req)
+        c = h.choices[0]
+        assert c.tokens == toks, (req, c.tokens, toks)
+        np.testing.assert_allclose(c.logprobs, lps, rtol=0, atol=1e-6)
+        want = "stop" if len(toks) < req.max_new_tokens or toks[-1] in (req.sampling.eos_id or ()) else "length"
+        assert c.finish_reason == want
+    assert handles[1].choices[0].finish_reason == "length" and len(handles[1].choices[0].tokens) == 9
+    assert handles[3].choices[0].tokens[-1] == 9 or handles[3].choices[0].tokens[-2:] == [3, 4] or \
+        len(handles[3].choices[0].tokens) == 10
+
+
+def test_seeded_request_alone_equals_among_15_concurrent():
+    target = Request([5, 6, 7], 24, jaxdecode.SamplingParams(temperature=1.0, top_p=0.95, eos_id=()), seed=1234)
+    loop = EngineLoop(ENGINE16)
+    alone = loop.run([target])[0].choices[0]
+    rng = np.random.default_rng(0)
+    others = [Request(rng.integers(0, V, size=int(rng.integers(1, 40))).tolist(), int(rng.integers(5, 20)),
+                      jaxdecode.SamplingParams(temperature=float(rng.uniform(0, 1.5)), top_k=int(rng.integers(0, 8)),
+                                               repetition_penalty=float(rng.uniform(1, 1.5)), eos_id=[int(rng.integers(V))]),
+                      seed=int(rng.integers(1 << 30)))
+              for _ in range(15)]
+    # The target lands in slot 9 this time, next to rows at other positions and settings.
+    handles = loop.run(others[:9] + [target] + others[9:])
+    under = handles[9].choices[0]
+    assert under.tokens == alone.tokens and len(alone.tokens) == 24
+    assert under.logprobs == alone.logprobs
+    assert under.sampled_logprobs == alone.sampled_logprobs
+    assert alone.tokens == _generate(target)[0]
+
+
+def test_compiles_once_per_bucket_over_a_stream_of_requests():
+    engine = _engine(slots=3, chunk=5)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    loop = EngineLoop(engine)
+    # Warm up: one request per prompt bucket (16, 32, 64 tokens).
+    loop.run([Request([1] * p, 2, jaxdecode.SamplingParams(temperature=0.0), seed=0) for p in (3, 20, 40)])
+    before, programs = len(compiles), engine.compiled_count()
+    rng = np.random.default_rng(1)
+    stream = []
+    for i in range(20):
+        p = int(rng.integers(1, 50))
+        stops = [rng.integers(0, V, size=int(rng.integers(1, 4))).tolist() for _ in range(int(rng.integers(0, 3)))]
+        sp = jaxdecode.SamplingParams(
+            temperature=float(rng.uniform(0, 2)), top_k=int(rng.integers(0, 10)), top_p=float(rng.uniform(0.5, 1)),
+            min_p=float(rng.uniform(0, 0.2)), repetition_penalty=float(rng.uniform(0.8, 1.5)),
+            frequency_penalty=float(rng.uniform(-1, 1)), logit_bias={int(rng.integers(V)): 2.0} if i % 2 else None,
+            eos_id=rng.integers(0, V, size=int(rng.integers(0, 4))).tolist(), min_new_tokens=int(rng.integers(0, 4)),
+            stop_sequences=stops or None)
+        stream.append(Request(rng.integers(0, V, size=p).tolist(), int(rng.integers(1, W - p)), sp, seed=i,
+                              n=int(rng.integers(1, 3)), top_logprobs=int(rng.integers(0, 4))))
+    handles = loop.run(stream)
+    assert all(c.finish_reason in ("stop", "length") for h in handles for c in h.choices)
+    assert len(compiles) == before, f"{len(compiles) - before} new compilations after warm-up"
+    # prefill: one program per bucket; insert, decode and release one each.
+    assert engine.compiled_count() == programs
+    assert loop.stats["prefills"] == 23
+
+
+def test_n_choices_share_one_prefill_and_use_folded_keys():
+    req = Request([3, 1, 4, 1, 5], 10, jaxdecode.SamplingParams(temperature=1.5, eos_id=()), seed=7, n=3)
+    loop = EngineLoop(ENGINE4)
+    (h,) = loop.run([req])
+    assert loop.stats["prefills"] == 1
+    got = [c.tokens for c in h.choices]
+    assert got == [_generate(req, j)[0] for j in range(3)]
+    assert len({tuple(g) for g in got}) == 3  # different keys, different samples
+
+
+def test_n_larger_than_free_slots_waits_fifo():
+    loop = EngineLoop(ENGINE4)
+    reqs = [Request([1], 8, jaxdecode.SamplingParams(temperature=0.0, eos_id=()), seed=0, n=3),
+            Request([2], 3, jaxdecode.SamplingParams(temperature=0.0, eos_id=()), seed=0, n=4)]
+    h1, h2 = loop.run(reqs)
+    assert [c.tokens for c in h1.choices] == [_generate(reqs[0])[0]] * 3
+    assert [c.tokens for c in h2.choices] == [_generate(reqs[1])[0]] * 4
+
+
+def test_top_logprobs_are_the_models_raw_top_tokens():
+    req = Request([2, 8], 6, jaxdecode.SamplingParams(temperature=0.0, eos_id=()), seed=0, top_logprobs=3)
+    (h,) = EngineLoop(ENGINE4).run([req])
+    c = h.choices[0]
+    seq = list(req.prompt)
+    for tok, lp, top in zip(c.tokens, c.logprobs, c.top):
+        logits = trigram_logits(TABLE, seq).astype(np.float64)
+        logp = logits - np.log(np.sum(np.exp(logits - logits.max()))) - logits.max()
+        best = np.argsort(-logp)[:3]
+        assert [t for t, _ in top] == best.tolist()
+        np.testing.assert_allclose([l for _, l in top], logp[best], atol=1e-5)
+        assert tok == best[0]
+        np.testing.assert_allclose(lp, logp[tok], atol=1e-5)
+        seq.append(tok)
+
+
+def test_stop_choice_and_cancel_free_slots_at_the_next_chunk():
+    loop = EngineLoop(ENGINE4)
+    greedy = jaxdecode.SamplingParams(temperature=0.0, eos_id=())
+
+    def stop_after_first_chunk(handle, choice, new):
+        handle.stop_choice(choice)
+
+    h_stop = loop.submit(Request([1], 40, greedy, seed=0), on_update=stop_after_first_chunk)
+    h_cancel = loop.submit(Request([2], 40, greedy, seed=0))
+    loop.step()
+    h_cancel.cancel()
+    while loop.busy():
+        loop.step()
+    assert h_stop.done.is_set() and h_cancel.done.is_set()
+    assert h_stop.choices[0].finish_reason == "stop" and len(h_stop.choices[0].tokens) == 4
+    assert h_cancel.choices[0].finish_reason == "abort" and len(h_cancel.choices[0].tokens) == 4
+    assert loop.slot_owner == [None] * 4
+    assert loop.stats["chunks"] == 1  # nothing ran after the two were stopped
+    # The freed slots are reused and give the same result as a fresh engine would.
+    (h,) = loop.run([REQUESTS[0]])
+    assert h.choices[0].tokens == _generate(REQUESTS[0])[0]
+
+
+def test_bad_requests_and_a_full_queue():
+    loop = EngineLoop(ENGINE4, max_queue=2)
+    with pytest.raises(ValueError, match=r"prefill: the prompt \(60 tokens\) \+ `max_new_tokens` \(10\) = 70 exceeds max_seq_len=64"):
+        loop.submit(Request([1] * 60, 10))
+    with pytest.raises(ValueError, match="`prompt` has token id 32, outside the vocabulary"):
+        loop.submit(Request([1, 32], 4))
+    with pytest.raises(ValueError, match="`max_new_tokens` must be >= 1, got 0"):
+        loop.submit(Request([1], 0))
+    with pytest.raises(ValueError, match="`n` must be <= the number of slots"):
+        loop.submit(Request([1], 4, n=5))
+    with pytest.raises(ValueError, match="`top_logprobs` must be <= the engine's top_logprobs"):
+        loop.submit(Request([1], 4, top_logprobs=4))
+    with pytest.raises(ValueError, match="`eos_id` must be a token id in"):
+        loop.submit(Request([1], 4, jaxdecode.SamplingParams(eos_id=[40])))
+    with pytest.raises(ValueError, match="`stop_sequences` has 9 sequences"):
+        loop.submit(Request([1], 4, jaxdecode.SamplingParams(stop_sequences=[[1]] * 9)))
+    loop.submit(Request([1], 4, seed=0))
+    loop.submit(Request([1], 4, seed=0))
+    with pytest.raises(QueueFull, match="queue is full"):
+        loop.submit(Request([1], 4, seed=0))
+
+
+def test_stateless_model_and_seed_key():
+    engine = Engine(PlusOne(10), slots=2, max_seq_len=16, chunk_size=3)
+    (h,) = EngineLoop(engine).run([Request([4], 7, jaxdecode.SamplingParams(temperature=0.0, eos_id=[9]))])
+    assert h.choices[0].tokens == [5, 6, 7, 8, 9] and h.choices[0].finish_reason == "stop"
+    np.testing.assert_array_equal(jax.random.key_data(seed_key(2**40 + 5)), [256, 5])
+    np.testing.assert_array_equal(jax.random.key_data(seed_key(-1)), [2**32 - 1, 2**32 - 1])
+    with pytest.raises(ValueError, match="`max_seq_len` is None and the model declares no context length"):
+        Engine(PlusOne(10))
+
+
+@pytest.mark.slow
+def test_real_model_seeded_request_alone_equals_among_15_concurrent():
+    """SmolLM2-135M: the target alone in a 16-slot engine, then in slot 7 among 15 requests
+    with 170-token prompts (so the cached attention reads a longer cache prefix: 256 slots
+    instead of 128) and other knobs: the same tokens and the same log-probabilities."""
+    model, tok = jaxdecode.models.load()
+    engine = Engine(model, slots=16, max_seq_len=256, chunk_size=8)
+    target = Request(tok.encode("The capital of France is"), 24, jaxdecode.SamplingParams(temperature=0.8, top_p=0.95),
+                     seed=42)
+    loop = EngineLoop(engine)
+    alone = loop.run([target])[0].choices[0]
+    long_text = " ".join(f"word{i}" for i in range(60))
+    others = [Request(tok.encode(f"{long_text} story {i}"), 20 + i,
+                      jaxdecode.SamplingParams(temperature=0.7 + 0.01 * i, top_k=20), seed=i) for i in range(15)]
+    assert len(others[0].prompt) > 128
+    under = loop.run(others[:7] + [target] + others[7:])[7].choices[0]
+    assert len(alone.tokens) == 24
+    assert under.tokens == alone.tokens and under.logprobs == alone.logprobs
+
+
+def test_engine_layering():
+    """The engine sits beside generate (floor 4: per-step maths and model handling only); the
+    front ends (_openai, _server, _batch, _cli) sit on top of it and nothing below imports them."""
+    from test_core import import_graph
+
+    graph = import_graph()
+    front = {"jaxdecode._server", "jaxdecode._openai", "jaxdecode._batch", "jaxdecode._cli"}
+    assert graph["jaxdecode._engine"] <= {"jaxdecode._model", "jaxdecode._validate", "jaxdecode._compilation",
+                                          "jaxdecode._processors", "jaxdecode._sampling", "jaxdecode._settings"}
+    for name, deps in graph.items():
+        if name not in front and name not in ("jaxdecode", "jaxdecode.__main__"):
+            assert not deps & front, (name, deps & front)
