@@ -59,16 +59,18 @@ def weight_bytes(model) -> dict:
             "dtypes": sorted({str(leaf.dtype) for _, leaf in leaves})}
 
 
-def op_load(dtype: str) -> dict:
-    """Loads the default model in ``dtype`` (``models.load(dtype=...)``) and returns the load
-    time, the arrays' sizes, the config and where jaxdecode was imported from."""
+def op_load(dtype: str, model: str | None = None) -> dict:
+    """Loads ``model`` (default: the default model) in ``dtype`` (``models.load(model,
+    dtype=...)``) and returns the load time, the arrays' sizes, the config and where jaxdecode
+    was imported from."""
     t0 = time.perf_counter()
     import jaxdecode
     from jaxdecode import models
 
     import_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    model, tok = models.load(dtype=dtype)
+    name = model
+    model, tok = models.load(name, dtype=dtype)
     _block(jax.tree_util.tree_leaves(model.params))
     load_s = time.perf_counter() - t0
     _STATE.update(model=model, tok=tok, dtype=dtype, fns={})
