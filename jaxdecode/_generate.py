@@ -21,8 +21,11 @@ Design (see ``docs/CONTRACTS.md`` for the two model protocols):
   sampling knob and penalty, the key(s), ``max_new_tokens`` within its bucket, ``pad_id``,
   the prompt content, ``prompt_lengths`` and the model's array leaves (its params).
 * Each step: repetition penalty (prompt + generated tokens) -> frequency/presence penalties
-  (generated tokens) -> logit bias -> EOS ban before ``min_new_tokens`` -> user processors ->
-  :func:`jaxdecode._sampling.draw` with one uniform per row, ``uniform(fold_in(row_key, step))``.
+  (generated tokens; both over the last ``penalty_last_n`` tokens when set) -> logit bias ->
+  the history rules of :func:`jaxdecode._processors.apply_rules` (DRY, sequence bias, length
+  penalty, n-gram / bad-word / allowed / suppress bans) -> EOS ban before ``min_new_tokens`` ->
+  user processors -> :func:`jaxdecode._sampling.draw_extended` with one uniform per row,
+  ``uniform(fold_in(row_key, step))`` (XTC's coin: ``uniform(fold_in(fold_in(row_key, step), 1))``).
   Then the token is written, finished rows (EOS or stop sequence) are marked, and the model
   is run for the next token's logits, skipped by ``lax.cond`` once every row is done.
 """
@@ -43,8 +46,9 @@ from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
 from ._processors import DecodeContext, LogitsProcessor, apply_frequency_presence_penalty, apply_repetition_penalty
+from ._processors import apply_rules, penalty_history
 from ._processors import chain as _chain
-from ._sampling import draw
+from ._sampling import draw_extended
 from ._settings import UNSET, SamplingParams
 from ._speculative import speculative_generate
 
@@ -123,6 +127,7 @@ class LoopState(NamedTuple):
         length (prompt, then generated tokens, ``pad_id`` after), token counts, prompt mask,
         step (tokens generated so far per row, the output's ``num_generated``), previous token.
       proc_state: the user processors' state pytree (``()`` when there are none).
+      mu: float32[B]. Mirostat v2's mu per row (starts at ``2 * mirostat_tau``; unused when off).
     """
 
     done: jax.Array
@@ -130,6 +135,7 @@ class LoopState(NamedTuple):
     cache: Any
     context: DecodeContext
     proc_state: Any
+    mu: Any = ()
 
 
 class _Traced(NamedTuple):
@@ -202,6 +208,7 @@ def _init(cfg: _Config, model, prompt, prompt_lengths, tr: _Traced) -> LoopState
         cache=cache,
         context=ctx,
         proc_state=proc_state,
+        mu=2.0 * tr.sampling.extra.mirostat_tau,
     )
 
 
@@ -221,12 +228,15 @@ def _stop_match(tokens, lengths, generated, seqs, seq_lens):
 
 
 def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeContext, proc_state):
-    """Penalties, bias, EOS ban and user processors (vLLM order). Returns (logits, proc_state)."""
-    seen = ctx.prompt_mask | (ctx.token_counts > 0)
+    """Penalties (over the last ``penalty_last_n`` tokens), bias, the history rules (DRY,
+    sequence bias, length penalty, n-gram / bad-word / allowed / suppress bans), EOS ban and
+    user processors. Returns (logits, proc_state)."""
+    seen, counts = penalty_history(ctx, sp.rules.penalty_last_n)
     l = apply_repetition_penalty(raw, seen, sp.repetition_penalty)
-    l = apply_frequency_presence_penalty(l, ctx.token_counts, sp.frequency_penalty, sp.presence_penalty)
+    l = apply_frequency_presence_penalty(l, counts, sp.frequency_penalty, sp.presence_penalty)
     if sp.logit_bias is not None:
         l = l + sp.logit_bias
+    l = apply_rules(l, ctx, sp.rules, sp.eos_ids)
     if sp.eos_ids is not None:
         eos_mask = jnp.zeros((cfg.vocab,), bool).at[sp.eos_ids].set(True, mode="drop")
         early = (ctx.step < sp.min_new_tokens)[:, None]
@@ -249,28 +259,31 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
     idle = jnp.all(state.done) | (i >= n)
 
     def sample(operand):
-        raw, ctx, proc_state = operand
+        raw, ctx, proc_state, mu = operand
         logits, proc_state = _process_logits(cfg, sp, raw, ctx, proc_state)
-        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(tr.keys)
-        ids, lp = draw(u, logits, sp.knobs)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(tr.keys)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
+        u_xtc = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32))(step_keys)
+        ids, lp, mu = draw_extended(u, u_xtc, logits, sp.knobs, sp.extra, mu)
         raw_all = jax.nn.log_softmax(raw, axis=-1)
         raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
         top = ()
         if cfg.num_top:  # barrier: keeps XLA:CPU's fast TopK (see _sampling._candidate_draw)
             top_lp, top_ids = lax.optimization_barrier(lax.top_k(raw_all, cfg.num_top))
             top = (top_ids.astype(jnp.int32), top_lp)
-        return ids, lp, raw_lp, top, proc_state
+        return ids, lp, raw_lp, top, proc_state, mu
 
     def no_sample(operand):
         zero = jnp.zeros((b,), jnp.float32)
         top = ()
         if cfg.num_top:
             top = (jnp.zeros((b, cfg.num_top), jnp.int32), jnp.zeros((b, cfg.num_top), jnp.float32))
-        return jnp.zeros((b,), jnp.int32), zero, zero, top, operand[2]
+        return jnp.zeros((b,), jnp.int32), zero, zero, top, operand[2], operand[3]
 
-    ids, lp, raw_lp, top, proc_state = lax.cond(
-        idle, no_sample, sample, (state.logits, state.context, state.proc_state))
+    ids, lp, raw_lp, top, proc_state, mu = lax.cond(
+        idle, no_sample, sample, (state.logits, state.context, state.proc_state, state.mu))
     active = ~state.done & (i < n)
+    mu = jnp.where(active, mu, state.mu)
 
     ctx = state.context.advance(ids, active)
     hit = jnp.zeros((b,), bool)
@@ -292,7 +305,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
 
     need = ~jnp.all(done) & (i < n - 1)
     next_logits, cache = lax.cond(need, run_model, skip_model, (ctx.tokens, ctx.lengths, ids, state.cache, state.logits))
-    new = LoopState(done, next_logits, cache, ctx, proc_state)
+    new = LoopState(done, next_logits, cache, ctx, proc_state, mu)
     out = _StepOut(
         jnp.where(active, ids, tr.pad_id).astype(jnp.int32),
         jnp.where(active, lp, 0.0).astype(jnp.float32),
