@@ -531,3 +531,36 @@ def apply_rules(logits: jax.Array, ctx: DecodeContext, rules: SamplingRules, eos
     if rules.begin_suppress is not None:
         l = jnp.where(rules.begin_suppress[None, :] & (ctx.step == 0)[:, None], -jnp.inf, l)
     return l
+
+
+LLAMA_CPP_DRY_BREAKERS = ("\n", ":", "\"", "*")
+
+
+def dry_sequence_breakers(tokenizer: Any, strings: Sequence[str] = LLAMA_CPP_DRY_BREAKERS) -> list[list[int]]:
+    """DRY sequence breakers as token-id sequences: each string encoded by ``tokenizer``.
+
+    Default: llama.cpp's breakers ``["\\n", ":", "\\"", "*"]``. Pass the result as
+    ``SamplingParams(dry_sequence_breakers=...)``. Unlike llama.cpp, which also matches
+    tokens that merely start with a breaker's text, a breaker here is exactly its encoding.
+
+    Args:
+      tokenizer: anything with ``encode(text) -> list[int]`` (a ``jaxdecode.models`` tokenizer).
+      strings: the breaker strings.
+
+    Example:
+      >>> import jaxdecode
+      >>> class Chars:  # a toy tokenizer: one id per character
+      ...     def encode(self, text):
+      ...         return [ord(c) for c in text]
+      >>> jaxdecode.dry_sequence_breakers(Chars(), ["\\n", "::"])
+      [[10], [58, 58]]
+    """
+    out = []
+    for text in strings:
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"jaxdecode.dry_sequence_breakers: each breaker must be a non-empty string, got {text!r}.")
+        ids = [int(t) for t in tokenizer.encode(text)]
+        if not ids:
+            raise ValueError(f"jaxdecode.dry_sequence_breakers: {text!r} encodes to no tokens.")
+        out.append(ids)
+    return out

@@ -509,9 +509,10 @@ def _keep_weights(l: jax.Array, keep: jax.Array):
     return m, w, jnp.sum(w, axis=-1, keepdims=True)
 
 
-def _extended_draw(u: jax.Array, u_xtc: jax.Array, logits: jax.Array, knobs: SamplingKnobs, ex: ExtraKnobs,
+def _extended_keep(u_xtc: jax.Array, logits: jax.Array, knobs: SamplingKnobs, ex: ExtraKnobs,
                    mu: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """The exact draw with every truncation, in the documented order (rows [N], V full)::
+    """``(l, keep)``: the tempered logits and the kept set of every truncation, in the
+    documented order (rows [N], V full)::
 
         temperature (dynamic when dynatemp_range > 0) -> top-n-sigma -> top-k -> top-p -> min-p
         -> typical-p -> epsilon -> eta -> XTC -> mirostat v2 -> draw
@@ -519,7 +520,7 @@ def _extended_draw(u: jax.Array, u_xtc: jax.Array, logits: jax.Array, knobs: Sam
     Each filter sees the distribution renormalised over what the previous ones kept, and each
     keeps at least ``min_tokens_to_keep`` tokens of its input (the most probable ones; for
     typical-p the most typical; HF's semantics). XTC acts only when the row's ``u_xtc`` is
-    below ``xtc_probability``. Returns (ids, logprobs) as :func:`draw`.
+    below ``xtc_probability``.
     """
     vocab = logits.shape[-1]
     knobs = _clip_knobs(knobs, vocab)
@@ -622,7 +623,13 @@ def _extended_draw(u: jax.Array, u_xtc: jax.Array, logits: jax.Array, knobs: Sam
         return keep & ((surprise <= mu[..., None]) | (l >= m))
 
     keep = step(keep, ex.mirostat_tau > 0, mirostat)
+    return l, keep
 
+
+def _extended_draw(u: jax.Array, u_xtc: jax.Array, logits: jax.Array, knobs: SamplingKnobs, ex: ExtraKnobs,
+                   mu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The exact draw on :func:`_extended_keep`'s set: (ids, logprobs) as :func:`draw`."""
+    l, keep = _extended_keep(u_xtc, logits, knobs, ex, mu)
     m, w, z = _keep_weights(l, keep)
     idx = _inverse_cdf(u, w)
     chosen = jnp.take_along_axis(l, idx[..., None], axis=-1)[..., 0]

@@ -225,10 +225,12 @@ def _norm_ids(fn: str, name: str, value: Any) -> Any:
     if not V.is_concrete(value):
         return value
     arr = np.asarray(value)
+    if arr.size == 0 and arr.ndim == 1:
+        if name == "allowed_token_ids":  # would ban every token
+            raise ValueError(f"{fn}: `allowed_token_ids` is empty; it needs >= 1 token id (None is off).")
+        return None
     if arr.dtype == object or arr.dtype == bool or arr.dtype.kind not in "iu" or arr.ndim > 1:
         raise TypeError(f"{fn}: `{name}` must be a list of token ids, got {value!r}.")
-    if name == "allowed_token_ids" and arr.size == 0:
-        raise ValueError(f"{fn}: `allowed_token_ids` is empty; it needs >= 1 token id (None is off).")
     return tuple(int(x) for x in arr.reshape(-1))
 
 
