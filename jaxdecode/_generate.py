@@ -46,9 +46,9 @@ from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
 from ._processors import DecodeContext, LogitsProcessor, apply_frequency_presence_penalty, apply_repetition_penalty
-from ._processors import apply_rules, penalty_history
+from ._processors import apply_rules, penalty_history, rules_active
 from ._processors import chain as _chain
-from ._sampling import draw_extended
+from ._sampling import draw, draw_extended, extended_rows
 from ._settings import UNSET, SamplingParams
 from ._speculative import speculative_generate
 
@@ -145,6 +145,7 @@ class _Traced(NamedTuple):
     sampling: S.Resolved
     pad_id: jax.Array  # int32[]
     max_new: jax.Array  # int32[]: the real max_new_tokens (the scan may run a longer bucket)
+    heavy: Any = True  # bool[]: some row uses an issue-13 traced knob (computed once per call)
 
 
 class _StepOut(NamedTuple):
@@ -167,6 +168,7 @@ class _Config(NamedTuple):
     processors: Any  # _Static(tuple of LogitsProcessor) or None
     num_samples: int = 1  # output rows per prompt row (batch = prompt rows * num_samples)
     num_top: int = 0  # top_logprobs alternatives per step
+    full: bool = True  # some issue-13 traced knob is not at its default (or is traced): the full step
 
 
 # ---------------------------------------------------------------------------------------
@@ -227,16 +229,21 @@ def _stop_match(tokens, lengths, generated, seqs, seq_lens):
     return jnp.any(jnp.all(eq, axis=-1) & (generated[:, None] >= seq_lens[None, :]), axis=-1)
 
 
-def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeContext, proc_state):
+def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeContext, proc_state,
+                    full: bool = True):
     """Penalties (over the last ``penalty_last_n`` tokens), bias, the history rules (DRY,
     sequence bias, length penalty, n-gram / bad-word / allowed / suppress bans), EOS ban and
-    user processors. Returns (logits, proc_state)."""
-    seen, counts = penalty_history(ctx, sp.rules.penalty_last_n)
+    user processors. Returns (logits, proc_state). ``full=False`` (static) leaves out the
+    per-row traced rules (penalty window, DRY, n-grams): the step takes it when no row uses them."""
+    if full:
+        seen, counts = penalty_history(ctx, sp.rules.penalty_last_n)
+    else:
+        seen, counts = ctx.prompt_mask | (ctx.token_counts > 0), ctx.token_counts
     l = apply_repetition_penalty(raw, seen, sp.repetition_penalty)
     l = apply_frequency_presence_penalty(l, counts, sp.frequency_penalty, sp.presence_penalty)
     if sp.logit_bias is not None:
         l = l + sp.logit_bias
-    l = apply_rules(l, ctx, sp.rules, sp.eos_ids)
+    l = apply_rules(l, ctx, sp.rules, sp.eos_ids, traced_rules=full)
     if sp.eos_ids is not None:
         eos_mask = jnp.zeros((cfg.vocab,), bool).at[sp.eos_ids].set(True, mode="drop")
         early = (ctx.step < sp.min_new_tokens)[:, None]
@@ -253,18 +260,24 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
     Two ``lax.cond`` skip the work once every row is done or past ``max_new_tokens`` (the
     step bucket, a stream's last chunk): one around the sampler, one around the model call.
     Neither wraps the KV cache together with the rest of the step: a cond that does makes XLA
-    copy the whole cache every step.
+    copy the whole cache every step. When some issue-13 traced knob (extended truncations,
+    penalty window, DRY, n-grams) is set (static ``cfg.full``), the sampler's switch has a
+    third branch, taken only in calls where some row uses one; with all of them at their
+    defaults the step is the plain one (one extra compilation the first time one is set).
     """
     b, n, sp = cfg.batch, tr.max_new, tr.sampling
     idle = jnp.all(state.done) | (i >= n)
 
-    def sample(operand):
+    def sample(operand, full):
         raw, ctx, proc_state, mu = operand
-        logits, proc_state = _process_logits(cfg, sp, raw, ctx, proc_state)
+        logits, proc_state = _process_logits(cfg, sp, raw, ctx, proc_state, full)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(tr.keys)
         u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
-        u_xtc = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32))(step_keys)
-        ids, lp, mu = draw_extended(u, u_xtc, logits, sp.knobs, sp.extra, mu)
+        if full:
+            u_xtc = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32))(step_keys)
+            ids, lp, mu = draw_extended(u, u_xtc, logits, sp.knobs, sp.extra, mu)
+        else:
+            ids, lp = draw(u, logits, sp.knobs)
         raw_all = jax.nn.log_softmax(raw, axis=-1)
         raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
         top = ()
@@ -280,8 +293,13 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
             top = (jnp.zeros((b, cfg.num_top), jnp.int32), jnp.zeros((b, cfg.num_top), jnp.float32))
         return jnp.zeros((b,), jnp.int32), zero, zero, top, operand[2], operand[3]
 
-    ids, lp, raw_lp, top, proc_state, mu = lax.cond(
-        idle, no_sample, sample, (state.logits, state.context, state.proc_state, state.mu))
+    operand = (state.logits, state.context, state.proc_state, state.mu)
+    if cfg.full:
+        branch = jnp.where(idle, 0, jnp.where(tr.heavy, 2, 1))
+        ids, lp, raw_lp, top, proc_state, mu = lax.switch(
+            branch, (no_sample, functools.partial(sample, full=False), functools.partial(sample, full=True)), operand)
+    else:  # static: the third branch alone costs ~40 us per step on XLA:CPU even when not taken
+        ids, lp, raw_lp, top, proc_state, mu = lax.cond(idle, no_sample, functools.partial(sample, full=False), operand)
     active = ~state.done & (i < n)
     mu = jnp.where(active, mu, state.mu)
 
@@ -453,8 +471,12 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingP
     resolved = S.resolve(fn, sampling, b, vocab, M.default_eos_ids(model))
     keys = V.row_keys(fn, key, sampling.temperature, b)
     procs = _check_processors(fn, processors)
-    tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)))
-    cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top)
+    # Whether the step needs its full branch: computed once here, not in every step (a dozen
+    # tiny XLA:CPU ops cost ~40 us per step).
+    heavy = jnp.any(extended_rows(resolved.extra) & (resolved.knobs.temperature > 0)) | rules_active(resolved.rules)
+    tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)),
+                 heavy=heavy)
+    cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top, S.uses_traced_rules(sampling))
     return cfg, n, p, *_auto_axes((model_arrays, _pad_prompt(prompt, pb), lengths, tr))
 
 

@@ -495,15 +495,23 @@ def dry_penalty(tokens: jax.Array, lengths: jax.Array, multiplier: jax.Array, ba
     return jnp.where((longest >= allowed_length[:, None]) & (longest >= 0) & ~single[None, :], pen, 0.0)
 
 
-def apply_rules(logits: jax.Array, ctx: DecodeContext, rules: SamplingRules, eos_ids: Any) -> jax.Array:
+def rules_active(rules: SamplingRules) -> jax.Array:
+    """bool[]: some row uses a traced per-row history rule (penalty window, DRY, n-grams)."""
+    return jnp.any(rules.penalty_last_n > 0) | jnp.any(rules.dry_multiplier > 0) | jnp.any(
+        rules.no_repeat_ngram_size > 0)
+
+
+def apply_rules(logits: jax.Array, ctx: DecodeContext, rules: SamplingRules, eos_ids: Any,
+                traced_rules: bool = True) -> jax.Array:
     """SamplingParams' history rules, in order: DRY -> sequence bias -> exponential decay length
     penalty -> no-repeat n-gram -> bad words -> allowed ids -> suppress tokens -> begin-suppress
-    tokens. Per-row numeric rules are skipped (``lax.cond``) when no row uses them; list rules
-    that are None are absent from the compiled step."""
+    tokens. Per-row numeric rules are skipped (``lax.cond``) when no row uses them (and left
+    out with ``traced_rules=False``, static); list rules that are None are absent from the
+    compiled step."""
     b, vocab = logits.shape
     l = logits.astype(jnp.float32)
     dry_on = rules.dry_multiplier > 0
-    l = lax.cond(jnp.any(dry_on), lambda: l - dry_penalty(
+    l = l if not traced_rules else lax.cond(jnp.any(dry_on), lambda: l - dry_penalty(
         ctx.tokens, ctx.lengths, jnp.where(dry_on, rules.dry_multiplier, 0.0), rules.dry_base,
         rules.dry_allowed_length, rules.dry_penalty_last_n, rules.dry_breakers, vocab), lambda: l)
     if rules.sequence_bias is not None:
@@ -518,7 +526,7 @@ def apply_rules(logits: jax.Array, ctx: DecodeContext, rules: SamplingRules, eos
         eos = jnp.zeros((vocab,), bool).at[eos_ids].set(True, mode="drop")[None, :]
         l = jnp.where(eos & jnp.isfinite(l), l + jnp.abs(l) * grow, l)
     ngram_on = rules.no_repeat_ngram_size > 0
-    l = lax.cond(jnp.any(ngram_on), lambda: jnp.where(
+    l = l if not traced_rules else lax.cond(jnp.any(ngram_on), lambda: jnp.where(
         ngram_banned(ctx.tokens, ctx.lengths, rules.no_repeat_ngram_size, vocab), -jnp.inf, l), lambda: l)
     if rules.bad_words is not None:
         table, lens = rules.bad_words

@@ -356,6 +356,22 @@ def _is_default(name: str, value: Any) -> bool:
     return bool(V.is_concrete(value) and np.ndim(value) == 0 and value == default)
 
 
+# The traced knobs of issue 13 that need the step's full branch when not at their default.
+_FULL_STEP = tuple(_EXTRA_SPECS) + ("penalty_last_n", "dry_multiplier", "no_repeat_ngram_size")
+
+
+def uses_traced_rules(p: SamplingParams) -> bool:
+    """False when every extended truncation, ``penalty_last_n``, ``dry_multiplier`` and
+    ``no_repeat_ngram_size`` is concrete and at its default in every row (static: the decode
+    step then leaves them out; their values are traced otherwise, so changing them between
+    non-default values never recompiles)."""
+    for name in _FULL_STEP:
+        value = getattr(p, name)
+        if not V.is_concrete(value) or not np.all(np.asarray(value) == DEFAULTS[name]):
+            return True
+    return False
+
+
 def check_supported(fn: str, p: SamplingParams, supported: tuple[str, ...], where: str) -> None:
     """A ValueError for every field not in ``supported`` that is not at its default."""
     for name in FIELDS:

@@ -357,13 +357,18 @@ def test_every_knob_in_generate_without_recompiling():
     prompt = np.array([[1, 2, 3, 4]] * b, np.int32)
     run = lambda **kw: jaxdecode.generate(model, prompt, 10, key=KEY, sampling=jaxdecode.SamplingParams(
         temperature=0.9, eos_id=(10,), **LISTS, **kw))
-    run(**ALL_OFF)
+    run(**ALL_OFF)  # every traced issue-13 knob at its default: the plain step (static)
     size = G._generate_jit._cache_size()
-    outs = [run(**ALL_ON), run(**{**ALL_ON, "top_n_sigma": 1.0, "mirostat_tau": 0.0, "dry_multiplier": 2.0,
+    outs = [run(**ALL_ON)]  # one more compilation: the step with the full branch
+    assert G._generate_jit._cache_size() == size + 1
+    size += 1
+    run(**ALL_OFF)  # the plain step again: compiled already
+    outs += [run(**{**ALL_ON, "top_n_sigma": 1.0, "mirostat_tau": 0.0, "dry_multiplier": 2.0,
                                   "penalty_last_n": 0, "no_repeat_ngram_size": 2, "xtc_probability": 1.0})]
     per_row = {k: np.array([val, ALL_OFF[k], val, ALL_OFF[k]], np.asarray(val).dtype) for k, val in ALL_ON.items()}
     outs.append(run(**per_row))
-    assert G._generate_jit._cache_size() == size  # values (scalar or per-row) never recompile
+    # Values (scalar or per-row, some rows off, one knob off everywhere) never recompile.
+    assert G._generate_jit._cache_size() == size
     toks = np.asarray(outs[0].tokens[:, 4:])
     assert not np.isin(toks, [7, 8, 11]).any()  # bad word [7], suppressed 8, 11 not allowed
     assert not (toks[:, 0] == 9).any()  # begin-suppressed at the first step
