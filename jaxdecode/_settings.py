@@ -52,7 +52,11 @@ class SamplingParams:
     how long each is), and likewise whether each list-valued rule is set and its table's shape
     (``dry_sequence_breakers``, ``bad_words``, ``sequence_bias``, ``allowed_token_ids``,
     ``suppress_tokens``, ``begin_suppress_tokens``, ``exponential_decay_length_penalty``).
-    Numeric knobs that are off in every row cost a ``lax.cond`` each.
+    One more static bit: whether any of the traced issue-13 knobs (``top_n_sigma`` to
+    ``mirostat_eta``, ``penalty_last_n``, ``dry_multiplier``, ``no_repeat_ngram_size``) is
+    away from its default; the first call that sets one compiles the step with their branch
+    once, later values (scalar or per row, on or off) reuse it. With all of them at their
+    defaults the decode step is exactly the plain one.
 
     Attributes:
       temperature: >= 0, scalar or per-row [B]; 0 is greedy. Default 1.
