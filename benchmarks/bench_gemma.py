@@ -62,7 +62,7 @@ def main(argv=None) -> int:
         w.close()
     cpu = cpu_info()
     print(f"Gemma 3 270M (Q4_K_M GGUF dequantized to float32), greedy, prompt {PROMPT!r}; "
-          f"{cpu.get('model', platform.processor())}, {os.cpu_count()} cores; {args.rounds} interleaved rounds")
+          f"{cpu.get('cpu_model', platform.processor())}, {os.cpu_count()} cores; {args.rounds} interleaved rounds")
     print("| system | batch | new tokens | tok/s median [min-max] |")
     print("| --- | ---: | ---: | --- |")
     for (name, b, n), xs in rates.items():

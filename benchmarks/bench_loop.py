@@ -14,8 +14,9 @@ Per configuration it times, per decode step (median of several runs, after compi
   ``context_size=1`` (so the model sees [B, 1] per step, the same shapes as ``forward``), and
   the KV-cached protocol (``CachedModel`` with an empty cache, T=1 per step).
 
-and the early-finish ratio: every row hits EOS at the first step vs a full run (same compiled
-function; the remaining steps skip the model and the sampler via ``lax.cond``).
+issue 13's samplers (DRY + XTC + mirostat on every row, KV protocol) next to top-p sampling on
+the same protocol, and the early-finish ratio: every row hits EOS at the first step vs a full
+run (same compiled function; the remaining steps skip the model and the sampler via ``lax.cond``).
 
 Prints tables; no asserts. Run: ``python benchmarks/bench_loop.py [--quick]``.
 """
@@ -102,6 +103,14 @@ def bench(vocab: int, batch: int, steps: int, dim: int, repeats: int) -> dict:
     }
     for name, kw in settings.items():
         res[name] = timed(lambda: jaxdecode.generate(stateless, prompt, steps, context_size=1, **kw), repeats) / steps
+    # Issue 13's samplers: DRY + XTC + mirostat on (every row), next to plain top-k / top-p above.
+    # The KV protocol: DRY reads the whole token buffer, which the stateless window would not show.
+    heavy = jaxdecode.SamplingParams(temperature=0.8, dry_multiplier=0.8, dry_base=1.75, dry_allowed_length=2,
+                                     xtc_threshold=0.1, xtc_probability=0.5, mirostat_tau=5.0, mirostat_eta=0.1)
+    res["generate DRY+XTC+mirostat (KV)"] = timed(
+        lambda: jaxdecode.generate(cached, prompt, steps, key=key, sampling=heavy), repeats) / steps
+    res["generate sample top_p=0.9 (KV)"] = timed(
+        lambda: jaxdecode.generate(cached, prompt, steps, key=key, temperature=0.8, top_p=0.9), repeats) / steps
     res["generate greedy (KV protocol)"] = timed(
         lambda: jaxdecode.generate(cached, prompt, steps, temperature=0.0), repeats) / steps
 
@@ -138,7 +147,8 @@ def main():
         print(f"  {'':34}{'us/step':>10}{'overhead':>10}{'ratio':>8}")
         for name in ("forward", "greedy", "generate greedy", "generate sample top_k=50", "generate sample top_p=0.9",
                      "generate sample+penalties",
-                     "generate greedy (KV protocol)"):
+                     "generate greedy (KV protocol)", "generate sample top_p=0.9 (KV)",
+                     "generate DRY+XTC+mirostat (KV)"):
             t = r[name]
             print(f"  {name:34}{t * 1e6:10.1f}{(t - fwd) * 1e6:10.1f}{t / fwd:8.2f}")
         print(f"  early finish (all rows EOS at step 1) vs full run: {r['early_ms']:.2f} ms vs "

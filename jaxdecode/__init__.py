@@ -31,6 +31,7 @@ from ._processors import apply_frequency_presence_penalty as apply_frequency_pre
 from ._processors import apply_repetition_penalty as apply_repetition_penalty
 from ._processors import ban_tokens as ban_tokens
 from ._processors import chain as chain
+from ._processors import dry_sequence_breakers as dry_sequence_breakers
 from ._processors import frequency_presence_penalty as frequency_presence_penalty
 from ._processors import identity as identity
 from ._processors import logit_bias as logit_bias

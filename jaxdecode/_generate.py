@@ -21,9 +21,13 @@ Design (see ``docs/CONTRACTS.md`` for the two model protocols):
   sampling knob and penalty, the key(s), ``max_new_tokens`` within its bucket, ``pad_id``,
   the prompt content, ``prompt_lengths`` and the model's array leaves (its params).
 * Each step: repetition penalty (prompt + generated tokens) -> frequency/presence penalties
-  (generated tokens) -> logit bias -> EOS ban before ``min_new_tokens`` -> user processors ->
-  the ``constraint=`` mask (:mod:`jaxdecode._structured`: the row's automaton state, advanced
-  by the previous token, in the carry) -> :func:`jaxdecode._sampling.draw` with one uniform per row, ``uniform(fold_in(row_key, step))``.
+  (generated tokens; both over the last ``penalty_last_n`` tokens when set) -> logit bias ->
+  the history rules of :func:`jaxdecode._processors.apply_rules` (DRY, sequence bias, length
+  penalty, n-gram / bad-word / allowed / suppress bans) -> EOS ban before ``min_new_tokens`` ->
+  user processors -> the ``constraint=`` mask (:mod:`jaxdecode._structured`: the row's
+  automaton state, advanced by the previous token, in the carry) ->
+  :func:`jaxdecode._sampling.draw_extended` with one uniform per row,
+  ``uniform(fold_in(row_key, step))`` (XTC's coin: ``uniform(fold_in(fold_in(row_key, step), 1))``).
   Then the token is written, finished rows (EOS or stop sequence) are marked, and the model
   is run for the next token's logits, skipped by ``lax.cond`` once every row is done.
 """
@@ -46,8 +50,9 @@ from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
 from ._processors import DecodeContext, LogitsProcessor, apply_frequency_presence_penalty, apply_repetition_penalty
+from ._processors import apply_rules, penalty_history, rules_active
 from ._processors import chain as _chain
-from ._sampling import draw
+from ._sampling import draw, draw_extended, extended_rows
 from ._settings import UNSET, SamplingParams
 from ._speculative import speculative_generate
 
@@ -147,6 +152,7 @@ class LoopState(NamedTuple):
         :class:`jaxdecode._structured.ConstraintState`; ``()`` without constraints).
       stop_state: int32[B], each row's stop-string automaton state (negative once a stop
         string completed, see :mod:`jaxdecode._stop`); ``()`` without stop strings.
+      mu: float32[B]. Mirostat v2's mu per row (starts at ``2 * mirostat_tau``; unused when off).
     """
 
     done: jax.Array
@@ -156,6 +162,7 @@ class LoopState(NamedTuple):
     proc_state: Any
     constraint: Any = ()
     stop_state: Any = ()
+    mu: Any = ()
 
 
 class _Traced(NamedTuple):
@@ -167,6 +174,7 @@ class _Traced(NamedTuple):
     max_new: jax.Array  # int32[]: the real max_new_tokens (the scan may run a longer bucket)
     constraint: Any = None  # _structured.ConstraintTables (padded to size buckets) or None
     stop_table: Any = None  # int32[Q, V] stop-string table (see _stop), or None
+    heavy: Any = True  # bool[]: some row uses an issue-13 traced knob (computed once per call)
 
 
 class _StepOut(NamedTuple):
@@ -189,6 +197,7 @@ class _Config(NamedTuple):
     processors: Any  # _Static(tuple of LogitsProcessor) or None
     num_samples: int = 1  # output rows per prompt row (batch = prompt rows * num_samples)
     num_top: int = 0  # top_logprobs alternatives per step
+    full: bool = True  # some issue-13 traced knob is not at its default (or is traced): the full step
 
 
 # ---------------------------------------------------------------------------------------
@@ -232,6 +241,7 @@ def _init(cfg: _Config, model, prompt, prompt_lengths, tr: _Traced) -> LoopState
         proc_state=proc_state,
         constraint=() if tr.constraint is None else C.init_state(ctx),
         stop_state=() if tr.stop_table is None else _stop.init_state(cfg.batch),
+        mu=2.0 * tr.sampling.extra.mirostat_tau,
     )
 
 
@@ -250,13 +260,21 @@ def _stop_match(tokens, lengths, generated, seqs, seq_lens):
     return jnp.any(jnp.all(eq, axis=-1) & (generated[:, None] >= seq_lens[None, :]), axis=-1)
 
 
-def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeContext, proc_state):
-    """Penalties, bias, EOS ban and user processors (vLLM order). Returns (logits, proc_state)."""
-    seen = ctx.prompt_mask | (ctx.token_counts > 0)
+def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeContext, proc_state,
+                    full: bool = True):
+    """Penalties (over the last ``penalty_last_n`` tokens), bias, the history rules (DRY,
+    sequence bias, length penalty, n-gram / bad-word / allowed / suppress bans), EOS ban and
+    user processors. Returns (logits, proc_state). ``full=False`` (static) leaves out the
+    per-row traced rules (penalty window, DRY, n-grams): the step takes it when no row uses them."""
+    if full:
+        seen, counts = penalty_history(ctx, sp.rules.penalty_last_n)
+    else:
+        seen, counts = ctx.prompt_mask | (ctx.token_counts > 0), ctx.token_counts
     l = apply_repetition_penalty(raw, seen, sp.repetition_penalty)
-    l = apply_frequency_presence_penalty(l, ctx.token_counts, sp.frequency_penalty, sp.presence_penalty)
+    l = apply_frequency_presence_penalty(l, counts, sp.frequency_penalty, sp.presence_penalty)
     if sp.logit_bias is not None:
         l = l + sp.logit_bias
+    l = apply_rules(l, ctx, sp.rules, sp.eos_ids, traced_rules=full)
     if sp.eos_ids is not None:
         eos_mask = jnp.zeros((cfg.vocab,), bool).at[sp.eos_ids].set(True, mode="drop")
         early = (ctx.step < sp.min_new_tokens)[:, None]
@@ -273,36 +291,50 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
     Two ``lax.cond`` skip the work once every row is done or past ``max_new_tokens`` (the
     step bucket, a stream's last chunk): one around the sampler, one around the model call.
     Neither wraps the KV cache together with the rest of the step: a cond that does makes XLA
-    copy the whole cache every step.
+    copy the whole cache every step. When some issue-13 traced knob (extended truncations,
+    penalty window, DRY, n-grams) is set (static ``cfg.full``), the sampler's switch has a
+    third branch, taken only in calls where some row uses one; with all of them at their
+    defaults the step is the plain one (one extra compilation the first time one is set).
     """
     b, n, sp = cfg.batch, tr.max_new, tr.sampling
     idle = jnp.all(state.done) | (i >= n)
 
-    def sample(operand):
-        raw, ctx, (proc_state, c_state) = operand
-        logits, proc_state = _process_logits(cfg, sp, raw, ctx, proc_state)
+    def sample(operand, full):
+        raw, ctx, (proc_state, c_state), mu = operand
+        logits, proc_state = _process_logits(cfg, sp, raw, ctx, proc_state, full)
         if tr.constraint is not None:  # last: the draw renormalises over the allowed tokens
             logits, c_state = C.apply(tr.constraint, logits, c_state, ctx)
-        u = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(tr.keys)
-        ids, lp = draw(u, logits, sp.knobs)
+        step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(tr.keys)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
+        if full:
+            u_xtc = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32))(step_keys)
+            ids, lp, mu = draw_extended(u, u_xtc, logits, sp.knobs, sp.extra, mu)
+        else:
+            ids, lp = draw(u, logits, sp.knobs)
         raw_all = jax.nn.log_softmax(raw, axis=-1)
         raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
         top = ()
         if cfg.num_top:  # barrier: keeps XLA:CPU's fast TopK (see _sampling._candidate_draw)
             top_lp, top_ids = lax.optimization_barrier(lax.top_k(raw_all, cfg.num_top))
             top = (top_ids.astype(jnp.int32), top_lp)
-        return ids, lp, raw_lp, top, (proc_state, c_state)
+        return ids, lp, raw_lp, top, (proc_state, c_state), mu
 
     def no_sample(operand):
         zero = jnp.zeros((b,), jnp.float32)
         top = ()
         if cfg.num_top:
             top = (jnp.zeros((b, cfg.num_top), jnp.int32), jnp.zeros((b, cfg.num_top), jnp.float32))
-        return jnp.zeros((b,), jnp.int32), zero, zero, top, operand[2]
+        return jnp.zeros((b,), jnp.int32), zero, zero, top, operand[2], operand[3]
 
-    ids, lp, raw_lp, top, (proc_state, c_state) = lax.cond(
-        idle, no_sample, sample, (state.logits, state.context, (state.proc_state, state.constraint)))
+    operand = (state.logits, state.context, (state.proc_state, state.constraint), state.mu)
+    if cfg.full:
+        branch = jnp.where(idle, 0, jnp.where(tr.heavy, 2, 1))
+        ids, lp, raw_lp, top, (proc_state, c_state), mu = lax.switch(
+            branch, (no_sample, functools.partial(sample, full=False), functools.partial(sample, full=True)), operand)
+    else:  # static: the third branch alone costs ~40 us per step on XLA:CPU even when not taken
+        ids, lp, raw_lp, top, (proc_state, c_state), mu = lax.cond(idle, no_sample, functools.partial(sample, full=False), operand)
     active = ~state.done & (i < n)
+    mu = jnp.where(active, mu, state.mu)
 
     ctx = state.context.advance(ids, active)
     hit = jnp.zeros((b,), bool)
@@ -328,7 +360,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
 
     need = ~jnp.all(done) & (i < n - 1)
     next_logits, cache = lax.cond(need, run_model, skip_model, (ctx.tokens, ctx.lengths, ids, state.cache, state.logits))
-    new = LoopState(done, next_logits, cache, ctx, proc_state, c_state, stop_state)
+    new = LoopState(done, next_logits, cache, ctx, proc_state, c_state, stop_state, mu)
     out = _StepOut(
         jnp.where(active, ids, tr.pad_id).astype(jnp.int32),
         jnp.where(active, lp, 0.0).astype(jnp.float32),
@@ -506,9 +538,12 @@ def _prepare(fn: str, model, prompt, max_new_tokens, *, key, sampling: SamplingP
     if tables is not None:
         _check_constraint_eos(fn, constraint, resolved)
     table = None if sampling.stop is None else _stop.device_table(fn, sampling.stop, tokenizer, vocab)
+    # Whether the step needs its full branch: computed once here, not in every step (a dozen
+    # tiny XLA:CPU ops cost ~40 us per step).
+    heavy = jnp.any(extended_rows(resolved.extra) & (resolved.knobs.temperature > 0)) | rules_active(resolved.rules)
     tr = _Traced(keys=keys, sampling=resolved, pad_id=jnp.asarray(np.int32(pad)), max_new=jnp.asarray(np.int32(n)),
-                 constraint=tables, stop_table=table)
-    cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top)
+                 constraint=tables, stop_table=table, heavy=heavy)
+    cfg = _Config(model_static, kind, b, pb, steps, window, vocab, procs, ns, num_top, S.uses_traced_rules(sampling))
     return cfg, n, p, *_auto_axes((model_arrays, _pad_prompt(prompt, pb), lengths, tr))
 
 

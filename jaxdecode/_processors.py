@@ -29,6 +29,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax import lax
 
 from . import _validate as V
 
@@ -325,21 +326,249 @@ def no_repeat_ngram(n: int) -> LogitsProcessor:
     n = V.check_count("jaxdecode.no_repeat_ngram", "n", n, 1, "the n-gram size")
 
     def fn(logits, ctx):
-        b, v = logits.shape
-        toks, length = ctx.tokens, ctx.lengths
-        total = toks.shape[1]
-        starts = jnp.arange(max(total - n + 1, 0), dtype=jnp.int32)  # n-gram start slots
-        if starts.size == 0:
-            return logits.astype(jnp.float32)
-        # The n-gram starting at j is inside the row (j + n <= length) and its first n - 1
-        # tokens equal the row's last n - 1 tokens.
-        match = (starts[None, :] + n <= length[:, None]) & (length[:, None] >= n - 1)
-        for t in range(n - 1):
-            tail = jnp.take_along_axis(toks, jnp.clip(length - (n - 1) + t, 0, total - 1)[:, None], axis=1)
-            match &= toks[:, t : t + starts.size] == tail
-        banned_tok = toks[:, n - 1 : n - 1 + starts.size]
-        rows = jnp.broadcast_to(jnp.arange(b)[:, None], banned_tok.shape)
-        banned = jnp.zeros((b, v), bool).at[rows, jnp.clip(banned_tok, 0, v - 1)].max(match)
+        banned = ngram_banned(ctx.tokens, ctx.lengths, jnp.int32(n), logits.shape[-1])
         return jnp.where(banned, -jnp.inf, logits.astype(jnp.float32))
 
     return _stateless(fn)
+
+
+def ngram_banned(tokens: jax.Array, lengths: jax.Array, n: Any, vocab: int) -> jax.Array:
+    """bool[B, V]: the tokens :func:`no_repeat_ngram` bans, for a traced n-gram size per row.
+
+    ``n`` is a scalar or int32[B]; 0 bans nothing in that row. The one implementation of the
+    rule, used by the processor and by ``SamplingParams.no_repeat_ngram_size``. A loop over
+    the n-gram's first ``max(n) - 1`` offsets compares the buffer, shifted, with the row's
+    last ``n - 1`` tokens.
+    """
+    b, total = tokens.shape
+    n = jnp.broadcast_to(jnp.asarray(n, jnp.int32), (b,))
+    starts = jnp.arange(total, dtype=jnp.int32)[None, :]  # n-gram start slots
+    # The n-gram starting at j lies inside the row; the row holds its n - 1 token prefix.
+    valid = (n[:, None] >= 1) & (starts + n[:, None] <= lengths[:, None]) & (lengths[:, None] >= n[:, None] - 1)
+    padded = jnp.concatenate([tokens, jnp.zeros_like(tokens)], axis=1)
+
+    def body(t, match):
+        shifted = lax.dynamic_slice_in_dim(padded, t, total, axis=1)  # tokens[j + t]
+        tail = jnp.take_along_axis(tokens, jnp.clip(lengths - (n - 1) + t, 0, total - 1)[:, None], axis=1)
+        return match & ((shifted == tail) | (t >= n - 1)[:, None])
+
+    match = lax.fori_loop(0, jnp.max(n) - 1, body, valid)
+    last = jnp.take_along_axis(padded, jnp.clip(starts + n[:, None] - 1, 0, 2 * total - 1), axis=1)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], last.shape)
+    return jnp.zeros((b, vocab), bool).at[rows, jnp.clip(last, 0, vocab - 1)].max(match)
+
+
+# -- SamplingParams' history rules ---------------------------------------------------------
+
+
+class SamplingRules(NamedTuple):
+    """The history-based rules of :class:`jaxdecode.SamplingParams` as traced arrays (B rows,
+    V vocabulary); None marks a list-valued rule that is off (static).
+
+    Sequence tables are int32[S, M], right-aligned (row s's sequence in its last ``lens[s]``
+    columns), with their lengths int32[S].
+    """
+
+    penalty_last_n: jax.Array  # int32[B]; 0 = whole history
+    dry_multiplier: jax.Array  # float32[B]; 0 = off
+    dry_base: jax.Array  # float32[B]
+    dry_allowed_length: jax.Array  # int32[B]
+    dry_penalty_last_n: jax.Array  # int32[B]; 0 = whole history
+    dry_breakers: Any  # (int32[S, M], int32[S]) or None
+    no_repeat_ngram_size: jax.Array  # int32[B]; 0 = off
+    bad_words: Any  # (int32[S, M], int32[S]) or None
+    sequence_bias: Any  # (int32[S, M], int32[S], float32[S]) or None
+    allowed: Any  # bool[V] or None
+    suppress: Any  # bool[V] or None
+    begin_suppress: Any  # bool[V] or None
+    decay: Any  # (start int32[B], factor float32[B]) or None
+
+
+def penalty_history(ctx: DecodeContext, last_n: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(seen bool[B, V], counts int32[B, V])``: the repetition penalty's history (prompt and
+    generated tokens) and the frequency/presence penalties' counts (generated tokens), counting
+    only the row's last ``last_n`` tokens where ``last_n > 0`` (llama.cpp's ``penalty_last_n``).
+    The windowed count is skipped (``lax.cond``) when no row uses a window."""
+    full_seen = ctx.prompt_mask | (ctx.token_counts > 0)
+    on = last_n > 0
+
+    def windowed():
+        b, total = ctx.tokens.shape
+        slots = jnp.arange(total, dtype=jnp.int32)[None, :]
+        inside = (slots < ctx.lengths[:, None]) & (slots >= (ctx.lengths - last_n)[:, None])
+        generated = slots >= (ctx.lengths - ctx.step)[:, None]
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], ctx.tokens.shape)
+        ids = jnp.clip(ctx.tokens, 0, ctx.token_counts.shape[1] - 1)
+        counts = jnp.zeros_like(ctx.token_counts).at[rows, ids].add((inside & generated).astype(jnp.int32))
+        seen = jnp.zeros_like(full_seen).at[rows, ids].max(inside)
+        return jnp.where(on[:, None], seen, full_seen), jnp.where(on[:, None], counts, ctx.token_counts)
+
+    return lax.cond(jnp.any(on), windowed, lambda: (full_seen, ctx.token_counts))
+
+
+def _prefix_match(tokens: jax.Array, lengths: jax.Array, table: jax.Array, lens: jax.Array) -> jax.Array:
+    """bool[B, S]: the row's last ``lens[s] - 1`` tokens equal sequence s without its last token
+    (always true for one-token sequences)."""
+    b, total = tokens.shape
+    m = table.shape[1]
+    if m == 1:
+        return jnp.ones((b, table.shape[0]), bool)
+    cols = jnp.arange(m - 1, dtype=jnp.int32)
+    tail = jnp.take_along_axis(tokens, jnp.clip(lengths[:, None] - (m - 1) + cols[None, :], 0, total - 1), axis=1)
+    used = cols[None, :] >= (m - lens)[:, None]  # [S, M - 1]
+    eq = (tail[:, None, :] == table[None, :, :-1]) | ~used[None]
+    return jnp.all(eq, axis=-1) & (lengths[:, None] >= lens[None, :] - 1)
+
+
+def _scatter_last(table: jax.Array, values: jax.Array, b: int, vocab: int, op: str) -> jax.Array:
+    """[B, V]: ``values`` [B, S] scattered onto each sequence's last token (max or add)."""
+    last = jnp.broadcast_to(jnp.clip(table[:, -1], 0, vocab - 1)[None, :], values.shape)
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], values.shape)
+    base = jnp.zeros((b, vocab), values.dtype)
+    return base.at[rows, last].max(values) if op == "max" else base.at[rows, last].add(values)
+
+
+def dry_penalty(tokens: jax.Array, lengths: jax.Array, multiplier: jax.Array, base: jax.Array,
+                allowed_length: jax.Array, last_n: jax.Array, breakers: Any, vocab: int) -> jax.Array:
+    """float32[B, V]: llama.cpp's DRY penalty (subtract it from the logits).
+
+    Over the row's last ``last_n`` tokens (all when 0): the match may not reach back past the
+    end of the latest sequence breaker (``rep_limit``: the tokens after it); for every earlier
+    position j, ``len[j]`` is the longest common suffix of the tokens ending at j and the whole
+    context (at most ``rep_limit``, inside the window); the token at j + 1 would extend that
+    repeat, so a token's repeat length is the max over its occurrences after a match. A token
+    with length n >= ``allowed_length`` gets ``multiplier * base ** (n - allowed_length)`` (the
+    exponent clamped so the power stays finite), unless it is a one-token breaker. The
+    suffix-match loop runs as long as some row's longest repeat (a ``while_loop``).
+    """
+    b, total = tokens.shape
+    w = jnp.where(last_n > 0, jnp.minimum(last_n, lengths), lengths)
+    start = lengths - w  # window [start, length)
+    slots = jnp.arange(total, dtype=jnp.int32)[None, :]
+    in_window = (slots >= start[:, None]) & (slots < lengths[:, None])
+    rep_limit = w
+    single = jnp.zeros((vocab,), bool)
+    if breakers is not None:
+        table, lens = breakers
+        s_count, m = table.shape
+        # match[b, k, j]: breaker k occurs starting at slot j, wholly inside the window.
+        padded = jnp.concatenate([tokens, jnp.zeros((b, m), tokens.dtype)], axis=1)
+        best = jnp.full((b, total), -1, jnp.int32)  # the longest breaker starting at j
+        for k in range(s_count):
+            seq_len = lens[k]
+            ok = in_window & (slots + seq_len <= lengths[:, None])
+            for t in range(m):
+                # column m - seq_len + t of the right-aligned table is the breaker's t-th token
+                want = table[k, jnp.clip(m - seq_len + t, 0, m - 1)]
+                ok &= (padded[:, t: t + total] == want) | (t >= seq_len)
+            best = jnp.where(ok, jnp.maximum(best, seq_len), best)
+        head = jnp.max(jnp.where(best >= 0, slots, -1), axis=-1)  # the latest breaker start
+        head_len = jnp.take_along_axis(best, jnp.maximum(head, 0)[:, None], axis=1)[:, 0]
+        rep_limit = jnp.where(head >= 0, lengths - head - head_len, w)
+        single = single.at[jnp.where(lens == 1, table[:, -1], vocab)].set(True, mode="drop")
+    on = (multiplier > 0) & (rep_limit >= allowed_length) & (lengths >= 2)
+
+    # len[j] for j in [start, length - 1): grow while x[j - k] == x[length - 1 - k].
+    cand = in_window & (slots < (lengths - 1)[:, None]) & on[:, None]
+    padded = jnp.concatenate([jnp.zeros_like(tokens), tokens], axis=1)  # index j - k + total
+
+    def cond(carry):
+        k, alive, _ = carry
+        return jnp.any(alive)
+
+    def body(carry):
+        k, alive, length = carry
+        back = lax.dynamic_slice_in_dim(padded, total - k, total, axis=1)  # x[j - k]
+        last = jnp.take_along_axis(tokens, jnp.clip(lengths - 1 - k, 0, total - 1)[:, None], axis=1)
+        alive &= (back == last) & (slots - k >= start[:, None]) & (k < rep_limit)[:, None]
+        return k + 1, alive, length + alive.astype(jnp.int32)
+
+    _, _, rep = lax.while_loop(cond, body, (jnp.int32(0), cand, jnp.zeros((b, total), jnp.int32)))
+    nxt = jnp.concatenate([tokens[:, 1:], jnp.zeros((b, 1), tokens.dtype)], axis=1)  # x[j + 1]
+    rows = jnp.broadcast_to(jnp.arange(b)[:, None], tokens.shape)
+    longest = jnp.full((b, vocab), -1, jnp.int32).at[rows, jnp.clip(nxt, 0, vocab - 1)].max(
+        jnp.where(cand & (rep >= allowed_length[:, None]), rep, -1))
+    # llama.cpp clamps the exponent to log(FLT_MAX) / log(base) when base > 1.000001.
+    max_exp = jnp.where(base > 1.000001, jnp.floor(88.7228391 / jnp.log(jnp.maximum(base, 1.000001))), jnp.inf)
+    expo = jnp.minimum((longest - allowed_length[:, None]).astype(jnp.float32), max_exp[:, None])
+    pen = multiplier[:, None] * jnp.power(base[:, None], expo)
+    return jnp.where((longest >= allowed_length[:, None]) & (longest >= 0) & ~single[None, :], pen, 0.0)
+
+
+def rules_active(rules: SamplingRules) -> jax.Array:
+    """bool[]: some row uses a traced per-row history rule (penalty window, DRY, n-grams)."""
+    return jnp.any(rules.penalty_last_n > 0) | jnp.any(rules.dry_multiplier > 0) | jnp.any(
+        rules.no_repeat_ngram_size > 0)
+
+
+def apply_rules(logits: jax.Array, ctx: DecodeContext, rules: SamplingRules, eos_ids: Any,
+                traced_rules: bool = True) -> jax.Array:
+    """SamplingParams' history rules, in order: DRY -> sequence bias -> exponential decay length
+    penalty -> no-repeat n-gram -> bad words -> allowed ids -> suppress tokens -> begin-suppress
+    tokens. Per-row numeric rules are skipped (``lax.cond``) when no row uses them (and left
+    out with ``traced_rules=False``, static); list rules that are None are absent from the
+    compiled step."""
+    b, vocab = logits.shape
+    l = logits.astype(jnp.float32)
+    dry_on = rules.dry_multiplier > 0
+    l = l if not traced_rules else lax.cond(jnp.any(dry_on), lambda: l - dry_penalty(
+        ctx.tokens, ctx.lengths, jnp.where(dry_on, rules.dry_multiplier, 0.0), rules.dry_base,
+        rules.dry_allowed_length, rules.dry_penalty_last_n, rules.dry_breakers, vocab), lambda: l)
+    if rules.sequence_bias is not None:
+        table, lens, values = rules.sequence_bias
+        match = _prefix_match(ctx.tokens, ctx.lengths, table, lens)
+        l = l + _scatter_last(table, jnp.where(match, values[None, :], 0.0), b, vocab, "add")
+    if rules.decay is not None and eos_ids is not None:
+        # HF: after `start` generated tokens, EOS logits += |logit| * (factor ** (step - start) - 1).
+        start, factor = rules.decay
+        k = (ctx.step - start).astype(jnp.float32)
+        grow = jnp.where(ctx.step > start, jnp.power(factor, k) - 1.0, 0.0)[:, None]
+        eos = jnp.zeros((vocab,), bool).at[eos_ids].set(True, mode="drop")[None, :]
+        l = jnp.where(eos & jnp.isfinite(l), l + jnp.abs(l) * grow, l)
+    ngram_on = rules.no_repeat_ngram_size > 0
+    l = l if not traced_rules else lax.cond(jnp.any(ngram_on), lambda: jnp.where(
+        ngram_banned(ctx.tokens, ctx.lengths, rules.no_repeat_ngram_size, vocab), -jnp.inf, l), lambda: l)
+    if rules.bad_words is not None:
+        table, lens = rules.bad_words
+        banned = _scatter_last(table, _prefix_match(ctx.tokens, ctx.lengths, table, lens), b, vocab, "max")
+        l = jnp.where(banned, -jnp.inf, l)
+    if rules.allowed is not None:
+        l = jnp.where(rules.allowed[None, :], l, -jnp.inf)
+    if rules.suppress is not None:
+        l = jnp.where(rules.suppress[None, :], -jnp.inf, l)
+    if rules.begin_suppress is not None:
+        l = jnp.where(rules.begin_suppress[None, :] & (ctx.step == 0)[:, None], -jnp.inf, l)
+    return l
+
+
+LLAMA_CPP_DRY_BREAKERS = ("\n", ":", "\"", "*")
+
+
+def dry_sequence_breakers(tokenizer: Any, strings: Sequence[str] = LLAMA_CPP_DRY_BREAKERS) -> list[list[int]]:
+    """DRY sequence breakers as token-id sequences: each string encoded by ``tokenizer``.
+
+    Default: llama.cpp's breakers ``["\\n", ":", "\\"", "*"]``. Pass the result as
+    ``SamplingParams(dry_sequence_breakers=...)``. Unlike llama.cpp, which also matches
+    tokens that merely start with a breaker's text, a breaker here is exactly its encoding.
+
+    Args:
+      tokenizer: anything with ``encode(text) -> list[int]`` (a ``jaxdecode.models`` tokenizer).
+      strings: the breaker strings.
+
+    Example:
+      >>> import jaxdecode
+      >>> class Chars:  # a toy tokenizer: one id per character
+      ...     def encode(self, text):
+      ...         return [ord(c) for c in text]
+      >>> jaxdecode.dry_sequence_breakers(Chars(), ["\\n", "::"])
+      [[10], [58, 58]]
+    """
+    out = []
+    for text in strings:
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"jaxdecode.dry_sequence_breakers: each breaker must be a non-empty string, got {text!r}.")
+        ids = [int(t) for t in tokenizer.encode(text)]
+        if not ids:
+            raise ValueError(f"jaxdecode.dry_sequence_breakers: {text!r} encodes to no tokens.")
+        out.append(ids)
+    return out

@@ -203,7 +203,7 @@ def _typical_keep(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_thresh
     return lax.cond(jnp.any(on), rows, lambda: keep)
 
 
-def _typical_rows(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_threshold) -> jax.Array:
+def _typical_rows(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_threshold, with_keys: bool = False):
     """Locally typical sampling on the kept set.
 
     Keeps the tokens whose surprisal is closest to the entropy of the (renormalised) kept
@@ -221,7 +221,8 @@ def _typical_rows(l: jax.Array, keep: jax.Array, typical_p: jax.Array, ok_thresh
     d = jnp.where(keep, jnp.abs(-logq - entropy), jnp.inf)
     dkeys = _sortable(-d)  # larger key = more typical
     t = ok_threshold(dkeys, w, typical_p * z[..., 0])
-    return keep & (dkeys >= t[..., None])
+    out = keep & (dkeys >= t[..., None])
+    return (out, dkeys) if with_keys else out
 
 
 # ---------------------------------------------------------------------------------------
@@ -404,6 +405,270 @@ def probs(logits: jax.Array, knobs: SamplingKnobs) -> jax.Array:
 
 
 # ---------------------------------------------------------------------------------------
+# Extended truncations: top-n-sigma, epsilon, eta, min_tokens_to_keep, XTC, dynamic
+# temperature, mirostat v2. Rows that use any of them draw on an exact full-vocabulary path
+# (one uniform per row, inverse CDF in vocabulary order); the others keep the fast path above.
+
+
+class ExtraKnobs(NamedTuple):
+    """Per-row settings of the extended truncations, each a float32/int32 array of shape ``[N]``.
+
+    Attributes:
+      top_n_sigma: float32[N]; keep logits >= max - n * std (over the kept logits); 0 is off.
+      epsilon_cutoff: float32[N]; drop tokens with probability < epsilon; 0 is off.
+      eta_cutoff: float32[N]; drop tokens with probability < min(eta, sqrt(eta) * exp(-H)); 0 is off.
+      min_tokens_to_keep: int32[N]; every truncation keeps at least this many tokens; 1 is off.
+      xtc_threshold: float32[N]; XTC's probability threshold.
+      xtc_probability: float32[N]; chance per step that XTC acts; 0 is off.
+      dynatemp_range: float32[N]; dynamic temperature's delta; 0 is off.
+      dynatemp_exponent: float32[N]; dynamic temperature's exponent.
+      mirostat_tau: float32[N]; mirostat v2's target surprisal in bits; 0 is off.
+      mirostat_eta: float32[N]; mirostat v2's learning rate.
+    """
+
+    top_n_sigma: jax.Array
+    epsilon_cutoff: jax.Array
+    eta_cutoff: jax.Array
+    min_tokens_to_keep: jax.Array
+    xtc_threshold: jax.Array
+    xtc_probability: jax.Array
+    dynatemp_range: jax.Array
+    dynatemp_exponent: jax.Array
+    mirostat_tau: jax.Array
+    mirostat_eta: jax.Array
+
+
+# Eager checks (knob name -> check_knob arguments) and off values. ``sample`` takes every knob
+# but mirostat's (it needs the per-row mu carried from step to step: generate only).
+_EXTRA_SPECS: dict[str, dict[str, Any]] = {
+    "top_n_sigma": dict(low=0.0, allowed="a number >= 0 (0 means off)", dtype=np.float32, off=0.0),
+    "epsilon_cutoff": dict(low=0.0, high=1.0, high_open=True, allowed="a number in [0, 1) (0 means off)",
+                           dtype=np.float32, off=0.0),
+    "eta_cutoff": dict(low=0.0, high=1.0, high_open=True, allowed="a number in [0, 1) (0 means off)",
+                       dtype=np.float32, off=0.0),
+    "min_tokens_to_keep": dict(low=1, integer=True, allowed="an integer >= 1 (1 means off)", dtype=np.int32, off=1),
+    "xtc_threshold": dict(low=0.0, high=1.0, allowed="a number in [0, 1] (above 0.5 XTC never acts)",
+                          dtype=np.float32, off=0.1),
+    "xtc_probability": dict(low=0.0, high=1.0, allowed="a number in [0, 1] (0 means off)", dtype=np.float32, off=0.0),
+    "dynatemp_range": dict(low=0.0, allowed="a number >= 0 (0 means off)", dtype=np.float32, off=0.0),
+    "dynatemp_exponent": dict(low=0.0, allowed="a number >= 0", dtype=np.float32, off=1.0),
+    "mirostat_tau": dict(low=0.0, allowed="a number >= 0, the target surprisal in bits (0 means off)",
+                         dtype=np.float32, off=0.0),
+    "mirostat_eta": dict(low=0.0, allowed="a number >= 0, the learning rate", dtype=np.float32, off=0.1),
+}
+EXTRA_DEFAULTS: dict[str, Any] = {name: spec["off"] for name, spec in _EXTRA_SPECS.items()}
+
+
+def check_extra(fn: str, name: str, value: Any) -> None:
+    """The eager check of one extended knob (range, finiteness)."""
+    spec = {k: v for k, v in _EXTRA_SPECS[name].items() if k not in ("dtype", "off")}
+    V.check_knob(fn, name, value, **spec)
+    if V.is_concrete(value) and np.asarray(value).dtype.kind == "f" and not np.all(np.isfinite(np.asarray(value))):
+        raise ValueError(f"{fn}: `{name}` must be finite, got {V._describe(value)}; allowed: {spec['allowed']}.")
+
+
+def make_extra(fn: str, batch_shape: tuple[int, ...], checked: bool = False, **values: Any) -> ExtraKnobs:
+    """:class:`ExtraKnobs` broadcast to ``batch_shape`` (missing knobs are off)."""
+    out = {}
+    for name, spec in _EXTRA_SPECS.items():
+        value = values.get(name, spec["off"])
+        if not checked:
+            check_extra(fn, name, value)
+        out[name] = V.broadcast_knob(fn, name, value, batch_shape, spec["dtype"])
+    return ExtraKnobs(**out)
+
+
+def extended_rows(ex: ExtraKnobs) -> jax.Array:
+    """bool[N]: the rows that use an extended truncation (and so take the extended path)."""
+    xtc = (ex.xtc_probability > 0) & (ex.xtc_threshold <= 0.5)  # above 0.5 two tokens can't pass it
+    return ((ex.top_n_sigma > 0) | (ex.epsilon_cutoff > 0) | (ex.eta_cutoff > 0) | (ex.min_tokens_to_keep > 1)
+            | xtc | (ex.dynatemp_range > 0) | (ex.mirostat_tau > 0))
+
+
+def _dynatemp(x: jax.Array, t: jax.Array, delta: jax.Array, exponent: jax.Array) -> jax.Array:
+    """llama.cpp's dynamic temperature: ``max(0, t - delta) + (t + delta - max(0, t - delta)) *
+    (H / log N) ** exponent``, H the entropy of softmax(x) over its N finite logits (x: [N, V])."""
+    finite = x > -jnp.inf
+    n = jnp.sum(finite, axis=-1)
+    m, w = _weights(x)
+    z = jnp.sum(w, axis=-1, keepdims=True)
+    q = w / z
+    logq = (x - m) - jnp.log(z)
+    h = -jnp.sum(jnp.where(finite & (q > 0), q * logq, 0.0), axis=-1)
+    norm = h / jnp.log(jnp.maximum(n, 2).astype(jnp.float32))
+    lo = jnp.maximum(t - delta, 0.0)
+    dyn = lo + (t + delta - lo) * jnp.power(jnp.clip(norm, 0.0, 1.0), exponent)
+    return jnp.where((delta > 0) & (n > 1), dyn, t)
+
+
+def _keep_weights(l: jax.Array, keep: jax.Array):
+    """``(m, w, z)`` of the distribution renormalised over ``keep``: its max [N, 1], the
+    weights ``exp(l - m)`` on kept tokens (0 elsewhere) and their sum [N, 1]."""
+    m = jnp.max(jnp.where(keep, l, -jnp.inf), axis=-1, keepdims=True)
+    m = jnp.where(jnp.isfinite(m), m, 0.0)
+    w = jnp.where(keep, jnp.exp(l - m), 0.0)
+    return m, w, jnp.sum(w, axis=-1, keepdims=True)
+
+
+def _extended_keep(u_xtc: jax.Array, logits: jax.Array, knobs: SamplingKnobs, ex: ExtraKnobs,
+                   mu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(l, keep)``: the tempered logits and the kept set of every truncation, in the
+    documented order (rows [N], V full)::
+
+        temperature (dynamic when dynatemp_range > 0) -> top-n-sigma -> top-k -> top-p -> min-p
+        -> typical-p -> epsilon -> eta -> XTC -> mirostat v2 -> draw
+
+    Each filter sees the distribution renormalised over what the previous ones kept, and each
+    keeps at least ``min_tokens_to_keep`` tokens of its input (the most probable ones; for
+    typical-p the most typical; HF's semantics). XTC acts only when the row's ``u_xtc`` is
+    below ``xtc_probability``.
+    """
+    vocab = logits.shape[-1]
+    knobs = _clip_knobs(knobs, vocab)
+    x = _sanitize(logits)
+    t = jnp.where(knobs.temperature > 0, knobs.temperature, 1.0)
+    t = _dynatemp(x, t, jnp.maximum(ex.dynatemp_range, 0.0), jnp.maximum(ex.dynatemp_exponent, 0.0))
+    zero_t = t <= 0  # dynamic temperature 0 (t <= delta, no entropy): the argmax only
+    l = _sanitize(x / jnp.where(zero_t, 1.0, t)[..., None])
+    keys = _sortable(l)
+    keep = l > -jnp.inf
+    keep &= ~zero_t[..., None] | (l >= jnp.max(l, axis=-1, keepdims=True))
+    mk = jnp.clip(ex.min_tokens_to_keep.astype(jnp.int32), 1, vocab)
+    any_min = jnp.any(mk > 1)
+
+    def at_least(new, prev, order_keys=None):
+        """``new``, plus the ``mk`` best of ``prev`` by ``order_keys`` (default: the logits;
+        ties kept). With ``mk == 1`` that is ``prev``'s most probable token(s), which epsilon
+        can remove (e.g. a flat distribution); typical-p always keeps its most typical."""
+        if order_keys is None:
+            best = jnp.max(jnp.where(prev, l, -jnp.inf), axis=-1, keepdims=True)
+            new = new | (prev & (l >= best))
+            order_keys = keys
+
+        def grow():
+            masked = jnp.where(prev, order_keys, jnp.uint32(0))
+            return new | (prev & (masked >= _top_k_threshold(masked, mk)[..., None]))
+
+        return lax.cond(any_min, grow, lambda: new)
+
+    def step(keep, on, fn):
+        """Applies filter ``fn(keep) -> keep`` to the rows with ``on`` (skipped when none is)."""
+        def run():
+            return jnp.where(on[..., None], at_least(fn(keep), keep), keep)
+        return lax.cond(jnp.any(on), run, lambda: keep)
+
+    # top-n-sigma (llama.cpp): over the kept logits, keep l >= max - n * std (population std).
+    def sigma(keep):
+        cnt = jnp.maximum(jnp.sum(keep, axis=-1, keepdims=True), 1).astype(jnp.float32)
+        mean = jnp.sum(jnp.where(keep, l, 0.0), axis=-1, keepdims=True) / cnt
+        std = jnp.sqrt(jnp.sum(jnp.where(keep, jnp.square(l - mean), 0.0), axis=-1, keepdims=True) / cnt)
+        mx = jnp.max(jnp.where(keep, l, -jnp.inf), axis=-1, keepdims=True)
+        return keep & (l >= mx - ex.top_n_sigma[..., None] * std)
+
+    keep = step(keep, ex.top_n_sigma > 0, sigma)
+    # top-k with min_tokens_to_keep: k = max(k, m) (HF).
+    k = jnp.where(knobs.top_k > 0, jnp.maximum(knobs.top_k, mk), 0)
+    keep &= keys >= _top_k_threshold(jnp.where(keep, keys, jnp.uint32(0)), k)[..., None]
+
+    def top_p(keep):
+        _, w, _ = _keep_weights(l, keep)
+        return keep & (keys >= _top_p_threshold(keys, w, knobs.top_p)[..., None])
+
+    keep = step(keep, knobs.top_p < 1.0, top_p)
+
+    def min_p(keep):
+        m, _, _ = _keep_weights(l, keep)
+        return keep & (jnp.exp(l - m) >= knobs.min_p[..., None])
+
+    keep = step(keep, knobs.min_p > 0, min_p)
+
+    def typical():
+        new, dkeys = _typical_rows(l, keep, knobs.typical_p, _bisect_mass, with_keys=True)
+        return jnp.where((knobs.typical_p < 1.0)[..., None], at_least(new, keep, dkeys), keep)
+
+    keep = lax.cond(jnp.any(knobs.typical_p < 1.0), typical, lambda: keep)
+
+    def epsilon(keep):  # HF: p < epsilon removed
+        _, w, z = _keep_weights(l, keep)
+        return keep & (w >= ex.epsilon_cutoff[..., None] * z)
+
+    keep = step(keep, ex.epsilon_cutoff > 0, epsilon)
+
+    def eta(keep):  # HF: p < min(eta, sqrt(eta) * exp(-H)) removed
+        m, w, z = _keep_weights(l, keep)
+        q, logq = w / z, (l - m) - jnp.log(z)
+        h = -jnp.sum(jnp.where(keep & (q > 0), q * logq, 0.0), axis=-1, keepdims=True)
+        e = ex.eta_cutoff[..., None]
+        return keep & (q >= jnp.minimum(e, jnp.sqrt(e) * jnp.exp(-h)))
+
+    keep = step(keep, ex.eta_cutoff > 0, eta)
+
+    # XTC (llama.cpp): with chance xtc_probability, when >= 2 tokens have p >= threshold, remove
+    # all of them but the least likely (ties with it kept), if >= min_tokens_to_keep remain.
+    xtc_on = (u_xtc < ex.xtc_probability) & (ex.xtc_threshold <= 0.5)
+
+    def xtc():
+        _, w, z = _keep_weights(l, keep)
+        above = keep & (w >= ex.xtc_threshold[..., None] * z)
+        last = jnp.min(jnp.where(above, l, jnp.inf), axis=-1, keepdims=True)
+        left = keep & ~(above & (l > last))
+        act = xtc_on & (jnp.sum(above, axis=-1) >= 2) & (jnp.sum(left, axis=-1) >= mk)
+        return jnp.where(act[..., None], left, keep)
+
+    keep = lax.cond(jnp.any(xtc_on), xtc, lambda: keep)
+
+    # Mirostat v2 (llama.cpp): keep tokens with surprisal -log2 p <= mu (at least the top one).
+    def mirostat(keep):
+        m, w, z = _keep_weights(l, keep)
+        surprise = -((l - m) - jnp.log(z)) / np.log(2.0)
+        return keep & ((surprise <= mu[..., None]) | (l >= m))
+
+    keep = step(keep, ex.mirostat_tau > 0, mirostat)
+    return l, keep
+
+
+def _extended_draw(u: jax.Array, u_xtc: jax.Array, logits: jax.Array, knobs: SamplingKnobs, ex: ExtraKnobs,
+                   mu: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """The exact draw on :func:`_extended_keep`'s set: (ids, logprobs) as :func:`draw`."""
+    l, keep = _extended_keep(u_xtc, logits, knobs, ex, mu)
+    m, w, z = _keep_weights(l, keep)
+    idx = _inverse_cdf(u, w)
+    chosen = jnp.take_along_axis(l, idx[..., None], axis=-1)[..., 0]
+    return idx, (chosen - m[..., 0]) - jnp.log(z[..., 0])
+
+
+def draw_extended(u: jax.Array, u_xtc: jax.Array, logits: jax.Array, knobs: SamplingKnobs, ex: ExtraKnobs,
+                  mu: jax.Array, *, num_candidates: int = NUM_CANDIDATES):
+    """:func:`draw` with the extended truncations. Rows that use none of them get exactly
+    :func:`draw`'s result; the others are drawn by :func:`_extended_draw` (skipped by a
+    ``lax.cond`` when no row needs it). Greedy rows (temperature 0) stay greedy.
+
+    Args:
+      u: float32[N] uniforms for the draw; u_xtc: float32[N] uniforms for XTC's coin.
+      logits, knobs, num_candidates: as :func:`draw`.
+      ex: :class:`ExtraKnobs` ([N] each).
+      mu: float32[N], mirostat's current mu per row (read only where mirostat_tau > 0).
+
+    Returns:
+      (ids int32[N], logprobs float32[N], new_mu float32[N]): mu updated by mirostat v2,
+      ``mu - eta * (surprisal - tau)`` with the drawn token's surprisal in bits, in the rows
+      with mirostat on (unchanged elsewhere).
+    """
+    ids, lp = draw(u, logits, knobs, num_candidates=num_candidates)
+    greedy_row = knobs.temperature <= 0
+    ext = extended_rows(ex) & ~greedy_row & jnp.any(_sanitize(logits) > -jnp.inf, axis=-1)
+
+    def run():
+        eids, elp = _extended_draw(u, u_xtc, logits, knobs, ex, mu)
+        return jnp.where(ext, eids, ids).astype(jnp.int32), jnp.where(ext, jnp.minimum(elp, 0.0), lp)
+
+    ids, lp = lax.cond(jnp.any(ext), run, lambda: (ids, lp))
+    miro = (ex.mirostat_tau > 0) & ext
+    new_mu = mu - ex.mirostat_eta * (-lp / np.log(2.0) - ex.mirostat_tau)
+    return ids, lp, jnp.where(miro, new_mu, mu)
+
+
+# ---------------------------------------------------------------------------------------
 # Public API
 
 
@@ -432,20 +697,41 @@ def _greedy(logits: jax.Array) -> jax.Array:
     return _argmax(_sanitize(logits))
 
 
-def _sample_impl(key: jax.Array, per_row: bool, logits: jax.Array, knobs: SamplingKnobs):
+def _sample_impl(key: jax.Array, per_row: bool, logits: jax.Array, knobs: SamplingKnobs, ex: Any):
     batch = logits.shape[:-1]
     n = int(np.prod(batch, dtype=np.int64))
     flat = logits.reshape(n, logits.shape[-1])
     if per_row:
-        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(key.reshape(n))
+        keys = key.reshape(n)
+        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(keys)
+        u_xtc = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32))(keys)
     else:
         u = jax.random.uniform(key, (n,), jnp.float32)
+        u_xtc = jax.random.uniform(jax.random.fold_in(key, 1), (n,), jnp.float32)
     fk = SamplingKnobs(*(x.reshape(n) for x in knobs))
-    ids, lp = draw(u, flat, fk)
+    if ex is None:  # static: every extended knob at its default (Python values)
+        ids, lp = draw(u, flat, fk)
+    else:
+        fe = ExtraKnobs(*(x.reshape(n) for x in ex))
+        ids, lp, _ = draw_extended(u, u_xtc, flat, fk, fe, jnp.zeros((n,), jnp.float32))
     return ids.reshape(batch), lp.reshape(batch)
 
 
 _sample_impl = jax.jit(_sample_impl, static_argnums=1)
+
+# The extended knobs ``sample`` takes (mirostat needs a mu carried across steps: generate only).
+SAMPLE_EXTRA = ("top_n_sigma", "epsilon_cutoff", "eta_cutoff", "min_tokens_to_keep", "xtc_threshold",
+                "xtc_probability", "dynatemp_range", "dynatemp_exponent")
+
+
+def _sample_extra(fn: str, batch: tuple[int, ...], values: dict[str, Any]) -> Any:
+    """The extended knobs as :class:`ExtraKnobs`, or None when all are left at their (Python)
+    defaults, so that plain sampling compiles without the extended path."""
+    if all(isinstance(v, (int, float)) and v == EXTRA_DEFAULTS[k] for k, v in values.items()):
+        for k, v in values.items():
+            check_extra(fn, k, v)
+        return None
+    return make_extra(fn, batch, **values)
 
 
 def sample_with_logprobs(
@@ -457,6 +743,14 @@ def sample_with_logprobs(
     top_p: Any = 1.0,
     min_p: Any = 0.0,
     typical_p: Any = 1.0,
+    top_n_sigma: Any = 0.0,
+    epsilon_cutoff: Any = 0.0,
+    eta_cutoff: Any = 0.0,
+    min_tokens_to_keep: Any = 1,
+    xtc_threshold: Any = 0.1,
+    xtc_probability: Any = 0.0,
+    dynatemp_range: Any = 0.0,
+    dynatemp_exponent: Any = 1.0,
 ) -> tuple[jax.Array, jax.Array]:
     """Like :func:`sample`, also returning each token's log-probability.
 
@@ -472,7 +766,11 @@ def sample_with_logprobs(
     batch = tuple(logits.shape[:-1])
     key, per_row = V.check_key(fn, key, batch)
     knobs = make_knobs(fn, batch, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p)
-    return _sample_impl(key, per_row, logits, knobs)
+    ex = _sample_extra(fn, batch, dict(
+        top_n_sigma=top_n_sigma, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+        min_tokens_to_keep=min_tokens_to_keep, xtc_threshold=xtc_threshold, xtc_probability=xtc_probability,
+        dynatemp_range=dynatemp_range, dynatemp_exponent=dynatemp_exponent))
+    return _sample_impl(key, per_row, logits, knobs, ex)
 
 
 def sample(
@@ -484,12 +782,24 @@ def sample(
     top_p: Any = 1.0,
     min_p: Any = 0.0,
     typical_p: Any = 1.0,
+    top_n_sigma: Any = 0.0,
+    epsilon_cutoff: Any = 0.0,
+    eta_cutoff: Any = 0.0,
+    min_tokens_to_keep: Any = 1,
+    xtc_threshold: Any = 0.1,
+    xtc_probability: Any = 0.0,
+    dynatemp_range: Any = 0.0,
+    dynatemp_exponent: Any = 1.0,
 ) -> jax.Array:
     """Draws one token per row, exactly, after temperature and truncation.
 
-    Order: temperature -> top-k -> top-p -> min-p -> typical-p -> draw (inverse CDF with one
-    uniform per row). Every knob is a Python number or an array broadcastable to
-    ``logits.shape[:-1]``; all are traced, so changing their values never recompiles.
+    Order: temperature (dynamic with ``dynatemp_range``) -> top-n-sigma -> top-k -> top-p ->
+    min-p -> typical-p -> epsilon -> eta -> XTC -> draw (inverse CDF with one uniform per row;
+    XTC's coin is a second uniform from ``fold_in(key, 1)``). Every knob is a Python number or
+    an array broadcastable to ``logits.shape[:-1]``; all are traced, so changing their values
+    never recompiles (leaving every extended knob, top-n-sigma onwards, at its Python default
+    compiles a smaller program without them: the first call that sets one compiles once more).
+    Rows that use an extended knob are drawn on the exact full-vocabulary path.
 
     Args:
       key: a PRNG key (``jax.random.key(seed)``), or one key per row (shape
@@ -505,6 +815,18 @@ def sample(
       typical_p: in (0, 1]. Locally typical sampling: keep the tokens whose surprisal is
         closest to the distribution's entropy until their mass reaches ``typical_p``;
         1 means off.
+      top_n_sigma: >= 0. Keep logits >= max - n * std of the kept logits (llama.cpp); 0 is off.
+      epsilon_cutoff: in [0, 1). Drop tokens with probability < epsilon (HF); 0 is off.
+      eta_cutoff: in [0, 1). Drop tokens with probability < min(eta, sqrt(eta) * exp(-H)),
+        H the entropy (HF); 0 is off.
+      min_tokens_to_keep: int >= 1. Every truncation keeps at least this many of the tokens it
+        is given (HF's semantics; top-k becomes max(k, n)).
+      xtc_threshold, xtc_probability: in [0, 1]. XTC (llama.cpp): with chance
+        ``xtc_probability``, when at least two tokens have probability >= ``xtc_threshold``,
+        remove all of them but the least likely. Probability 0 is off.
+      dynatemp_range, dynatemp_exponent: >= 0. Dynamic temperature (llama.cpp):
+        ``T = max(0, t - range) + (t + range - max(0, t - range)) * (H / log N) ** exponent``.
+        Range 0 is off.
 
     Returns:
       int32 array of shape ``logits.shape[:-1]`` with ids in ``[0, V)``.
@@ -525,7 +847,10 @@ def sample(
       True
     """
     return sample_with_logprobs(
-        key, logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p
+        key, logits, temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p, typical_p=typical_p,
+        top_n_sigma=top_n_sigma, epsilon_cutoff=epsilon_cutoff, eta_cutoff=eta_cutoff,
+        min_tokens_to_keep=min_tokens_to_keep, xtc_threshold=xtc_threshold, xtc_probability=xtc_probability,
+        dynatemp_range=dynatemp_range, dynatemp_exponent=dynatemp_exponent,
     )[0]
 
 

@@ -17,7 +17,8 @@ import numpy as np
 
 from . import _stop
 from . import _validate as V
-from ._sampling import _KNOB_SPECS, SamplingKnobs, make_knobs
+from ._processors import SamplingRules
+from ._sampling import _KNOB_SPECS, _EXTRA_SPECS, ExtraKnobs, SamplingKnobs, check_extra, make_extra, make_knobs
 
 __all__ = ["SamplingParams", "Resolved", "UNSET", "from_keywords", "resolve", "check_supported"]
 
@@ -48,8 +49,16 @@ class SamplingParams:
     Traced and static: every value is traced, so new values never recompile; it is a pytree,
     so it can be passed through ``jax.jit`` / ``jax.vmap``. Static (a change recompiles): the
     shapes (scalar vs per-row array), the number of EOS ids, whether a ``logit_bias`` is set
-    (and its keys when a dict), and the stop-sequence table's shape (how many sequences and
-    how long each is), and the ``stop`` strings (their table's size is bucketed).
+    (and its keys when a dict), the stop-sequence table's shape (how many sequences and
+    how long each is), and likewise whether each list-valued rule is set and its table's shape
+    (``dry_sequence_breakers``, ``bad_words``, ``sequence_bias``, ``allowed_token_ids``,
+    ``suppress_tokens``, ``begin_suppress_tokens``, ``exponential_decay_length_penalty``).
+    The ``stop`` strings are static too (their table's size is bucketed).
+    One more static bit: whether any of the traced issue-13 knobs (``top_n_sigma`` to
+    ``mirostat_eta``, ``penalty_last_n``, ``dry_multiplier``, ``no_repeat_ngram_size``) is
+    away from its default; the first call that sets one compiles the step with their branch
+    once, later values (scalar or per row, on or off) reuse it. With all of them at their
+    defaults the decode step is exactly the plain one.
 
     Attributes:
       temperature: >= 0, scalar or per-row [B]; 0 is greedy. Default 1.
@@ -70,6 +79,34 @@ class SamplingParams:
       stop: a string or a list of strings; a row stops once its generated text contains one
         (across token boundaries, matched inside the compiled loop; needs the decoder's
         ``tokenizer=``). None is off.
+      top_n_sigma: >= 0; keep logits >= max - n * std of the kept logits (llama.cpp); 0 is off.
+      epsilon_cutoff: in [0, 1); drop tokens with probability < epsilon (HF); 0 is off.
+      eta_cutoff: in [0, 1); drop tokens with probability < min(eta, sqrt(eta) * exp(-entropy)) (HF); 0 is off.
+      min_tokens_to_keep: int >= 1; every truncation keeps at least this many tokens (HF). Default 1.
+      xtc_threshold: in [0, 1]; XTC's threshold: tokens with probability >= it are "top choices". Default 0.1.
+      xtc_probability: in [0, 1]; chance per step that XTC removes every top choice but the least likely
+        (llama.cpp; needs >= 2 top choices); 0 is off.
+      dynatemp_range: >= 0; dynamic temperature in [t - range, t + range] by normalised entropy (llama.cpp); 0 is off.
+      dynatemp_exponent: >= 0; exponent of the normalised entropy in dynamic temperature. Default 1.
+      mirostat_tau: >= 0; mirostat v2 target surprisal in bits (llama.cpp); mu starts at 2 * tau; 0 is off.
+      mirostat_eta: >= 0; mirostat v2 learning rate. Default 0.1.
+      dry_multiplier: >= 0; DRY penalty multiplier (llama.cpp / text-generation-webui); 0 is off.
+      dry_base: >= 1; DRY penalty base: penalty = multiplier * base ** (repeat - allowed_length). Default 1.75.
+      dry_allowed_length: int >= 1; repeats shorter than this are not penalised by DRY. Default 2.
+      dry_penalty_last_n: int >= 0; DRY looks at the last n tokens; 0 is the whole history.
+      dry_sequence_breakers: list of token-id lists that end a DRY match (see
+        ``jaxdecode.dry_sequence_breakers``); None is none.
+      penalty_last_n: int >= 0; repetition/presence/frequency penalties count only the last n tokens;
+        0 is the whole history.
+      no_repeat_ngram_size: int >= 0; ban tokens that would repeat an n-gram of the row (HF); 0 is off.
+      bad_words: list of token-id lists; ban a sequence's last token when the row ends with the rest (HF / vLLM).
+      sequence_bias: ``{(ids...): bias}`` or ``[[ids, bias], ...]``; add bias to a sequence's last token when
+        the row ends with the rest (HF).
+      allowed_token_ids: list of token ids; every other token is banned (vLLM). None is off.
+      exponential_decay_length_penalty: ``(start, factor)``; after ``start`` generated tokens, EOS logits grow
+        by ``|logit| * (factor ** (step - start) - 1)`` (HF). None is off.
+      suppress_tokens: list of token ids banned at every step (HF). None is off.
+      begin_suppress_tokens: list of token ids banned at the first generated step (HF). None is off.
 
     Example:
       >>> import jaxdecode
@@ -95,6 +132,29 @@ class SamplingParams:
     min_new_tokens: Any = 0
     stop_sequences: Any = None
     stop: Any = None
+    top_n_sigma: Any = 0.0
+    epsilon_cutoff: Any = 0.0
+    eta_cutoff: Any = 0.0
+    min_tokens_to_keep: Any = 1
+    xtc_threshold: Any = 0.1
+    xtc_probability: Any = 0.0
+    dynatemp_range: Any = 0.0
+    dynatemp_exponent: Any = 1.0
+    mirostat_tau: Any = 0.0
+    mirostat_eta: Any = 0.1
+    dry_multiplier: Any = 0.0
+    dry_base: Any = 1.75
+    dry_allowed_length: Any = 2
+    dry_penalty_last_n: Any = 0
+    dry_sequence_breakers: Any = None
+    penalty_last_n: Any = 0
+    no_repeat_ngram_size: Any = 0
+    bad_words: Any = None
+    sequence_bias: Any = None
+    allowed_token_ids: Any = None
+    exponential_decay_length_penalty: Any = None
+    suppress_tokens: Any = None
+    begin_suppress_tokens: Any = None
 
     def __post_init__(self) -> None:
         _check_and_normalise(_CLASS, self)
@@ -151,12 +211,12 @@ def _norm_eos(fn: str, value: Any) -> Any:
     return tuple(int(x) for x in arr.reshape(-1))
 
 
-def _norm_stop(fn: str, value: Any) -> Any:
+def _norm_stop(fn: str, value: Any, name: str = "stop_sequences") -> Any:
     if value is None:
         return None
     seqs = list(value) if isinstance(value, (list, tuple)) else None
     if seqs is None or any(np.ndim(s) != 1 for s in seqs):
-        raise TypeError(f"{fn}: `stop_sequences` must be a list of token-id lists, e.g. [[13, 13], [50256]]; "
+        raise TypeError(f"{fn}: `{name}` must be a list of token-id lists, e.g. [[13, 13], [50256]]; "
                         f"got {value!r}.")
     out = []
     for j, s in enumerate(seqs):
@@ -165,11 +225,60 @@ def _norm_stop(fn: str, value: Any) -> Any:
             continue
         a = np.asarray(s)
         if a.size == 0:
-            raise ValueError(f"{fn}: `stop_sequences[{j}]` is empty; each stop sequence needs >= 1 token.")
+            raise ValueError(f"{fn}: `{name}[{j}]` is empty; each sequence needs >= 1 token.")
         if a.dtype == bool or a.dtype.kind not in "iu":
-            raise TypeError(f"{fn}: `stop_sequences[{j}]` must hold integer token ids, got {s!r}.")
+            raise TypeError(f"{fn}: `{name}[{j}]` must hold integer token ids, got {s!r}.")
         out.append(tuple(int(x) for x in a))
     return tuple(out) if out else None
+
+
+def _norm_ids(fn: str, name: str, value: Any) -> Any:
+    """A list of token ids as a tuple (None stays None)."""
+    if value is None:
+        return None
+    if not V.is_concrete(value):
+        return value
+    arr = np.asarray(value)
+    if arr.size == 0 and arr.ndim == 1:
+        if name == "allowed_token_ids":  # would ban every token
+            raise ValueError(f"{fn}: `allowed_token_ids` is empty; it needs >= 1 token id (None is off).")
+        return None
+    if arr.dtype == object or arr.dtype == bool or arr.dtype.kind not in "iu" or arr.ndim > 1:
+        raise TypeError(f"{fn}: `{name}` must be a list of token ids, got {value!r}.")
+    return tuple(int(x) for x in arr.reshape(-1))
+
+
+def _norm_sequence_bias(fn: str, value: Any) -> Any:
+    """``{(ids...): bias}`` or ``[[ids, bias], ...]`` as a tuple of ``(ids tuple, bias)`` pairs."""
+    if value is None:
+        return None
+    items = list(value.items()) if isinstance(value, dict) else None
+    if items is None and isinstance(value, (list, tuple)) and all(
+            isinstance(x, (list, tuple)) and len(x) == 2 for x in value):
+        items = [(x[0], x[1]) for x in value]
+    if items is None:
+        raise TypeError(f"{fn}: `sequence_bias` must be a dict {{(token ids...): bias}} or a list of "
+                        f"[token ids, bias] pairs, got {value!r}.")
+    seqs = _norm_stop(fn, [ids if np.ndim(ids) else [ids] for ids, _ in items], "sequence_bias")
+    out = []
+    for (ids, bias), seq in zip(items, seqs or ()):
+        if V.is_concrete(bias) and not np.all(np.isfinite(np.asarray(bias, np.float64))):
+            raise ValueError(f"{fn}: `sequence_bias` for {seq} must be finite, got {bias!r}.")
+        out.append((seq, bias))
+    return tuple(out) if out else None
+
+
+def _norm_decay(fn: str, value: Any) -> Any:
+    name = "exponential_decay_length_penalty"
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or len(value) != 2:
+        raise TypeError(f"{fn}: `{name}` must be a pair (start, factor), e.g. (10, 1.05), got {value!r}.")
+    start, factor = value
+    V.check_knob(fn, f"{name}[0] (start)", start, low=0, integer=True, allowed="an integer >= 0 (generated tokens)")
+    V.check_knob(fn, f"{name}[1] (factor)", factor, low=0.0, low_open=True, allowed="a number > 0 (1 means off)")
+    _check_finite(fn, f"{name}[1] (factor)", factor)
+    return (start, factor)
 
 
 def _norm_bias(fn: str, value: Any) -> Any:
@@ -204,6 +313,24 @@ def _check_and_normalise(fn: str, p: SamplingParams) -> None:
     object.__setattr__(p, "stop_sequences", _norm_stop(fn, p.stop_sequences))
     object.__setattr__(p, "logit_bias", _norm_bias(fn, p.logit_bias))
     object.__setattr__(p, "stop", _stop.normalise(fn, p.stop))
+    for name in _EXTRA_SPECS:
+        check_extra(fn, name, getattr(p, name))
+    V.check_knob(fn, "dry_multiplier", p.dry_multiplier, low=0.0, allowed="a number >= 0 (0 means off)")
+    _check_finite(fn, "dry_multiplier", p.dry_multiplier)
+    V.check_knob(fn, "dry_base", p.dry_base, low=1.0, allowed="a number >= 1")
+    _check_finite(fn, "dry_base", p.dry_base)
+    V.check_knob(fn, "dry_allowed_length", p.dry_allowed_length, low=1, integer=True, allowed="an integer >= 1")
+    for name in ("dry_penalty_last_n", "penalty_last_n"):
+        V.check_knob(fn, name, getattr(p, name), low=0, integer=True,
+                     allowed="an integer >= 0 (a window of the last n tokens; 0 means the whole history)")
+    V.check_knob(fn, "no_repeat_ngram_size", p.no_repeat_ngram_size, low=0, integer=True,
+                 allowed="an integer >= 0 (0 means off)")
+    for name in ("dry_sequence_breakers", "bad_words"):
+        object.__setattr__(p, name, _norm_stop(fn, getattr(p, name), name))
+    object.__setattr__(p, "sequence_bias", _norm_sequence_bias(fn, p.sequence_bias))
+    for name in ("allowed_token_ids", "suppress_tokens", "begin_suppress_tokens"):
+        object.__setattr__(p, name, _norm_ids(fn, name, getattr(p, name)))
+    object.__setattr__(p, "exponential_decay_length_penalty", _norm_decay(fn, p.exponential_decay_length_penalty))
 
 
 def make_knobs_check(fn: str, name: str, value: Any) -> None:
@@ -244,6 +371,22 @@ def _is_default(name: str, value: Any) -> bool:
     return bool(V.is_concrete(value) and np.ndim(value) == 0 and value == default)
 
 
+# The traced knobs of issue 13 that need the step's full branch when not at their default.
+_FULL_STEP = tuple(_EXTRA_SPECS) + ("penalty_last_n", "dry_multiplier", "no_repeat_ngram_size")
+
+
+def uses_traced_rules(p: SamplingParams) -> bool:
+    """False when every extended truncation, ``penalty_last_n``, ``dry_multiplier`` and
+    ``no_repeat_ngram_size`` is concrete and at its default in every row (static: the decode
+    step then leaves them out; their values are traced otherwise, so changing them between
+    non-default values never recompiles)."""
+    for name in _FULL_STEP:
+        value = getattr(p, name)
+        if not V.is_concrete(value) or not np.all(np.asarray(value) == DEFAULTS[name]):
+            return True
+    return False
+
+
 def check_supported(fn: str, p: SamplingParams, supported: tuple[str, ...], where: str) -> None:
     """A ValueError for every field not in ``supported`` that is not at its default."""
     for name in FIELDS:
@@ -268,6 +411,8 @@ class Resolved(NamedTuple):
     min_new_tokens: jax.Array  # int32[B]
     stop_seqs: Any  # int32[S, M] right-aligned, or None
     stop_lens: Any  # int32[S], or None
+    extra: ExtraKnobs  # each [B]: the extended truncations
+    rules: SamplingRules  # the history rules (DRY, penalty window, n-grams, bans, length rules)
 
 
 def eos_ids(fn: str, p: SamplingParams, vocab: int, model_default: tuple[int, ...]) -> Any:
@@ -300,19 +445,56 @@ def _logit_bias(fn: str, bias: Any, b: int, vocab: int) -> Any:
     return jnp.asarray(bias, jnp.float32)
 
 
-def _stop_table(fn: str, seqs: Any, vocab: int):
+def _stop_table(fn: str, seqs: Any, vocab: int, name: str = "stop_sequences"):
     if seqs is None:
         return None, None
     for j, s in enumerate(seqs):
         if V.is_concrete(s):
             a = np.asarray(s)
             if (a < 0).any() or (a >= vocab).any():
-                raise ValueError(f"{fn}: `stop_sequences[{j}]` = {a.tolist()} has ids outside [0, {vocab}) "
+                raise ValueError(f"{fn}: `{name}[{j}]` = {a.tolist()} has ids outside [0, {vocab}) "
                                  f"(the model's vocabulary).")
     m = max(len(s) for s in seqs)
     rows = [jnp.concatenate([jnp.zeros((m - len(s),), jnp.int32), jnp.asarray(s, jnp.int32).reshape(-1)])
             for s in seqs]  # right-aligned
     return jnp.stack(rows), jnp.asarray(np.array([len(s) for s in seqs], np.int32))
+
+
+def _id_mask(fn: str, name: str, ids: Any, vocab: int) -> Any:
+    if ids is None:
+        return None
+    arr = V.token_ids(fn, name, ids, vocab)
+    return jnp.zeros((vocab,), bool).at[arr].set(True, mode="drop")
+
+
+def _rules(fn: str, p: SamplingParams, b: int, vocab: int) -> SamplingRules:
+    knob = lambda name, dtype: V.broadcast_knob(fn, name, getattr(p, name), (b,), dtype)
+    breakers = _stop_table(fn, p.dry_sequence_breakers, vocab, "dry_sequence_breakers")
+    bad = _stop_table(fn, p.bad_words, vocab, "bad_words")
+    bias = None
+    if p.sequence_bias is not None:
+        table, lens = _stop_table(fn, [seq for seq, _ in p.sequence_bias], vocab, "sequence_bias")
+        bias = (table, lens, jnp.stack([jnp.asarray(v, jnp.float32) for _, v in p.sequence_bias]))
+    decay = None
+    if p.exponential_decay_length_penalty is not None:
+        start, factor = p.exponential_decay_length_penalty
+        decay = (V.broadcast_knob(fn, "exponential_decay_length_penalty[0] (start)", start, (b,), np.int32),
+                 V.broadcast_knob(fn, "exponential_decay_length_penalty[1] (factor)", factor, (b,), np.float32))
+    return SamplingRules(
+        penalty_last_n=knob("penalty_last_n", np.int32),
+        dry_multiplier=knob("dry_multiplier", np.float32),
+        dry_base=knob("dry_base", np.float32),
+        dry_allowed_length=knob("dry_allowed_length", np.int32),
+        dry_penalty_last_n=knob("dry_penalty_last_n", np.int32),
+        dry_breakers=None if breakers[0] is None else breakers,
+        no_repeat_ngram_size=knob("no_repeat_ngram_size", np.int32),
+        bad_words=None if bad[0] is None else bad,
+        sequence_bias=bias,
+        allowed=_id_mask(fn, "allowed_token_ids", p.allowed_token_ids, vocab),
+        suppress=_id_mask(fn, "suppress_tokens", p.suppress_tokens, vocab),
+        begin_suppress=_id_mask(fn, "begin_suppress_tokens", p.begin_suppress_tokens, vocab),
+        decay=decay,
+    )
 
 
 def resolve(fn: str, p: SamplingParams, b: int, vocab: int, model_eos: tuple[int, ...]) -> Resolved:
@@ -330,4 +512,6 @@ def resolve(fn: str, p: SamplingParams, b: int, vocab: int, model_eos: tuple[int
         min_new_tokens=V.broadcast_knob(fn, "min_new_tokens", p.min_new_tokens, (b,), np.int32),
         stop_seqs=stop_seqs,
         stop_lens=stop_lens,
+        extra=make_extra(fn, (b,), checked=True, **{name: getattr(p, name) for name in _EXTRA_SPECS}),
+        rules=_rules(fn, p, b, vocab),
     )

@@ -55,6 +55,17 @@ __all__ = [
     "ban_tokens",
     "apply_min_new_tokens",
     "generate",
+    "no_repeat_ngram",
+    "dynamic_temperature",
+    "sample_probs_extended",
+    "top_n_sigma_filter",
+    "penalty_history",
+    "dry_penalty",
+    "bad_words",
+    "sequence_bias",
+    "exponential_decay_length_penalty",
+    "allowed_tokens",
+    "begin_suppress",
 ]
 
 
@@ -509,4 +520,300 @@ def no_repeat_ngram(logits: Any, tokens: Any, lengths: Any, n: int) -> np.ndarra
         for j in range(len(x) - n + 1):
             if tuple(x[j : j + n - 1]) == prefix:
                 out[b, x[j + n - 1]] = -np.inf
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# Issue 13's samplers, one row at a time (see jaxdecode._sampling._extended_draw for the order)
+
+
+def _at_least(new: np.ndarray, prev: np.ndarray, score: np.ndarray, m: int) -> np.ndarray:
+    """``new`` plus the ``m`` best tokens of ``prev`` by ``score`` (ties with the m-th kept)."""
+    kept = np.flatnonzero(prev)
+    if kept.size == 0:
+        return new
+    order = np.sort(score[kept])[::-1]
+    cut = order[min(m, kept.size) - 1]
+    return new | (prev & (score >= cut))
+
+
+def _renorm(l: np.ndarray, keep: np.ndarray):
+    """(p, log p) of softmax over ``keep`` (float64), 0 / -inf elsewhere."""
+    ll = np.where(keep, l.astype(np.float64), -np.inf)
+    m = ll.max()
+    with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+        w = np.exp(ll - m)
+        z = w.sum()
+        return w / z, (ll - m) - np.log(z)
+
+
+def _entropy(q: np.ndarray, logq: np.ndarray, keep: np.ndarray) -> float:
+    """-sum q log q over the kept tokens with q > 0."""
+    on = keep & (q > 0)
+    return -float(np.sum(q[on] * logq[on]))
+
+
+def dynamic_temperature(row: Any, temperature: float, delta: float, exponent: float) -> float:
+    """llama.cpp's dynamic temperature for one sanitized row: ``max(0, t - delta) + (t + delta -
+    max(0, t - delta)) * (H / log N) ** exponent``, H the entropy of softmax(row) over its N
+    finite entries (t itself when delta is 0 or N <= 1)."""
+    row = sanitize(row)
+    finite = row > -np.inf
+    n = int(finite.sum())
+    if delta <= 0 or n <= 1:
+        return float(temperature)
+    p, logp = _renorm(row, finite)
+    h = _entropy(p, logp, finite)
+    lo = max(0.0, temperature - delta)
+    return lo + (temperature + delta - lo) * min(max(h / np.log(n), 0.0), 1.0) ** exponent
+
+
+def _extended_keep(row: np.ndarray, t: float, k: int, p: float, min_p: float, typical_p: float, sigma: float,
+                   eps: float, eta: float, m: int, xtc_t: float, xtc_p: float, xtc_u: float, miro_tau: float,
+                   mu: float) -> tuple[np.ndarray, np.ndarray]:
+    """(tempered row, kept mask) of the extended chain."""
+    x = sanitize(row)
+    if t <= 0:  # dynamic temperature 0: the argmax (and its ties) only
+        return x, (x >= x.max()) & (x > -np.inf)
+    with np.errstate(over="ignore"):
+        l = sanitize(x / np.float32(t))
+    keep = l > -np.inf
+    lf = l.astype(np.float64)
+
+    def guard(new, prev):
+        """Every truncation keeps at least the m most probable tokens of its input (m >= 1)."""
+        return _at_least(new, prev, lf, max(m, 1))
+
+    if sigma > 0:
+        vals = lf[keep]
+        std = vals.std()  # population std, as llama.cpp
+        keep = guard(keep & (lf >= vals.max() - sigma * std), keep)
+    if k > 0:
+        kk = max(k, m)
+        if kk < keep.sum():
+            cut = np.sort(lf[keep])[::-1][kk - 1]
+            keep = keep & (lf >= cut)
+    if p < 1.0:
+        filtered = _top_p_row(np.where(keep, l, np.float32(-np.inf)).astype(np.float32), p) > -np.inf
+        keep = guard(filtered & keep, keep)
+    if min_p > 0:
+        filtered = _min_p_row(np.where(keep, l, np.float32(-np.inf)).astype(np.float32), min_p) > -np.inf
+        keep = guard(filtered & keep, keep)
+    if typical_p < 1.0:
+        masked = np.where(keep, l, np.float32(-np.inf)).astype(np.float32)
+        filtered = _typical_row(masked, typical_p) > -np.inf
+        if m > 1:  # the m most typical: smallest |-log q - H|
+            q, logq = _renorm(masked, keep)
+            h = _entropy(q, logq, keep)
+            filtered = _at_least(filtered, keep, np.where(keep, -np.abs(-logq - h), -np.inf), m)
+        keep = filtered & keep
+    if eps > 0:
+        q, _ = _renorm(l, keep)
+        keep = guard(keep & (q >= eps), keep)
+    if eta > 0:
+        q, logq = _renorm(l, keep)
+        h = _entropy(q, logq, keep)
+        keep = guard(keep & (q >= min(eta, np.sqrt(eta) * np.exp(-h))), keep)
+    if xtc_u < xtc_p and xtc_t <= 0.5:
+        q, _ = _renorm(l, keep)
+        above = keep & (q >= xtc_t)
+        if above.sum() >= 2:
+            last = lf[above].min()
+            left = keep & ~(above & (lf > last))
+            if left.sum() >= m:
+                keep = left
+    if miro_tau > 0:
+        q, logq = _renorm(l, keep)
+        surprise = -logq / np.log(2.0)
+        keep = guard(keep & ((surprise <= mu) | (lf >= lf[keep].max())), keep)
+    return l, keep
+
+
+def sample_probs_extended(
+    logits: Any,
+    temperature: Any = 1.0,
+    top_k: Any = 0,
+    top_p: Any = 1.0,
+    min_p: Any = 0.0,
+    typical_p: Any = 1.0,
+    *,
+    top_n_sigma: Any = 0.0,
+    epsilon_cutoff: Any = 0.0,
+    eta_cutoff: Any = 0.0,
+    min_tokens_to_keep: Any = 1,
+    xtc_threshold: Any = 0.1,
+    xtc_probability: Any = 0.0,
+    xtc_uniform: Any = 0.0,
+    dynatemp_range: Any = 0.0,
+    dynatemp_exponent: Any = 1.0,
+    mirostat_tau: Any = 0.0,
+    mirostat_mu: Any = 0.0,
+) -> np.ndarray:
+    """The distribution of a row that uses the extended truncations, float64 ``[..., V]``.
+
+    Order: temperature (dynamic when ``dynatemp_range`` > 0) -> top-n-sigma -> top-k -> top-p
+    -> min-p -> typical-p -> epsilon -> eta -> XTC (acts when ``xtc_uniform`` <
+    ``xtc_probability``) -> mirostat v2 (truncation at ``mirostat_mu`` bits) -> softmax. Each
+    filter works on the distribution renormalised over the previous ones' survivors and keeps
+    at least ``min_tokens_to_keep`` of them (XTC: acts only if that many remain). Temperature 0
+    is greedy. Every knob is a number or per-row array.
+    """
+    x = sanitize(logits)
+    batch = x.shape[:-1]
+    f, i = np.float64, np.int64
+    knobs = [_knob(v, batch, d, None) for v, d in (
+        (temperature, f), (top_k, i), (top_p, f), (min_p, f), (typical_p, f), (top_n_sigma, f), (epsilon_cutoff, f),
+        (eta_cutoff, f), (min_tokens_to_keep, i), (xtc_threshold, f), (xtc_probability, f), (xtc_uniform, f),
+        (dynatemp_range, f), (dynatemp_exponent, f), (mirostat_tau, f), (mirostat_mu, f))]
+
+    def row_probs(row, t, k, p, mp, tp, sigma, eps, eta, m, xt, xp, xu, dr, de, tau, mu):
+        vocab = row.shape[-1]
+        if t <= 0 or not (row > -np.inf).any():
+            out = np.zeros(vocab)
+            out[int(np.argmax(row)) if (row > -np.inf).any() else 0] = 1.0
+            return out
+        tt = dynamic_temperature(row, float(t), float(dr), float(de))
+        l, keep = _extended_keep(row, tt, int(k), float(p), float(mp), float(tp), float(sigma), float(eps),
+                                 float(eta), int(m), float(xt), float(xp), float(xu), float(tau), float(mu))
+        q, _ = _renorm(l, keep)
+        return q
+
+    return _map_rows(row_probs, x, *knobs)
+
+
+def top_n_sigma_filter(logits: Any, n: float) -> np.ndarray:
+    """llama.cpp's top-n-sigma on each row: keep logits >= max - n * std over the finite logits
+    (population std); n <= 0 is off."""
+    x = sanitize(logits)
+
+    def row_fn(row):
+        finite = row > -np.inf
+        if n <= 0 or finite.sum() <= 1:
+            return row
+        vals = row[finite].astype(np.float64)
+        return np.where(row >= vals.max() - n * vals.std(), row, np.float32(-np.inf))
+
+    return _map_rows(row_fn, x)
+
+
+# -- history rules ------------------------------------------------------------------------
+
+
+def penalty_history(tokens: Any, prompt_len: int, vocab_size: int, last_n: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row's ``(seen bool[V], counts int[V])`` for the penalties: the repetition penalty's
+    tokens (prompt and generated) and the generated tokens' counts, over the last ``last_n``
+    tokens (0: all). ``tokens`` is the row's real tokens, prompt first."""
+    x = [int(t) for t in tokens]
+    start = 0 if last_n <= 0 else max(len(x) - last_n, 0)
+    seen = np.zeros(vocab_size, bool)
+    counts = np.zeros(vocab_size, np.int64)
+    for pos in range(start, len(x)):
+        seen[x[pos]] = True
+        if pos >= prompt_len:
+            counts[x[pos]] += 1
+    return seen, counts
+
+
+def dry_penalty(tokens: Any, vocab_size: int, multiplier: float, base: float, allowed_length: int, last_n: int,
+                breakers: Any = ()) -> np.ndarray:
+    """llama.cpp's DRY penalty for one row (float64[V], to subtract from the logits).
+
+    ``tokens``: the row's history; ``last_n``: window (0: all); ``breakers``: token-id
+    sequences. Written as the definition, not as llama.cpp's Z-algorithm: the window's latest
+    breaker start caps the match length (``rep_limit`` = the tokens after that breaker); for
+    each earlier position j the longest k with ``x[j-k+1..j] == x[n-k..n-1]`` inside the window
+    and k <= rep_limit; the token at j + 1 gets the max k; k >= allowed_length costs
+    ``multiplier * base ** (k - allowed_length)`` unless the token is a one-token breaker.
+    """
+    x = [int(t) for t in tokens]
+    n = len(x)
+    pen = np.zeros(vocab_size)
+    if multiplier <= 0 or n < 2:
+        return pen
+    w = n if last_n <= 0 else min(last_n, n)
+    s = n - w
+    rep_limit = w
+    for head in range(n - 1, s - 1, -1):  # latest breaker start first
+        lens = [len(b) for b in breakers if head + len(b) <= n and x[head:head + len(b)] == list(b)]
+        if lens:
+            rep_limit = n - head - max(lens)
+            break
+    if rep_limit < allowed_length:
+        return pen
+    single = {b[0] for b in breakers if len(b) == 1}
+    longest: dict[int, int] = {}
+    for j in range(s, n - 1):
+        k = 0
+        while k < rep_limit and j - k >= s and x[j - k] == x[n - 1 - k]:
+            k += 1
+        if k >= allowed_length:
+            longest[x[j + 1]] = max(longest.get(x[j + 1], 0), k)
+    max_exp = int(88.7228391 / np.log(base)) if base > 1.000001 else None
+    for tok, k in longest.items():
+        if tok in single:
+            continue
+        e = k - allowed_length
+        if max_exp is not None:
+            e = min(e, max_exp)
+        pen[tok] = multiplier * base**e
+    return pen
+
+
+def _ends_with_prefix(x: list[int], seq: Any) -> bool:
+    seq = [int(t) for t in seq]
+    prefix = seq[:-1]
+    return len(x) >= len(prefix) and (not prefix or x[len(x) - len(prefix):] == prefix)
+
+
+def bad_words(logits: Any, tokens: Any, lengths: Any, words: Any) -> np.ndarray:
+    """Bans each sequence's last token in the rows whose tokens end with the rest of it
+    (one-token sequences always; HF / vLLM ``bad_words``)."""
+    out = _float32(logits).copy()
+    for b, length in enumerate(np.asarray(lengths).reshape(-1)):
+        x = [int(t) for t in np.asarray(tokens)[b, : int(length)]]
+        for seq in words:
+            if _ends_with_prefix(x, seq):
+                out[b, int(seq[-1])] = -np.inf
+    return out
+
+
+def sequence_bias(logits: Any, tokens: Any, lengths: Any, bias: dict) -> np.ndarray:
+    """HF's ``sequence_bias``: adds ``bias[seq]`` to ``seq[-1]`` in the rows ending with ``seq[:-1]``."""
+    out = _float32(logits).astype(np.float64)
+    for b, length in enumerate(np.asarray(lengths).reshape(-1)):
+        x = [int(t) for t in np.asarray(tokens)[b, : int(length)]]
+        for seq, value in bias.items():
+            if _ends_with_prefix(x, seq):
+                out[b, int(seq[-1])] += value
+    return out.astype(np.float32)
+
+
+def exponential_decay_length_penalty(logits: Any, step: Any, start: Any, factor: Any, eos_ids: Any) -> np.ndarray:
+    """HF's exponential decay length penalty: in rows with ``step > start`` generated tokens, each
+    EOS logit gets ``+ |logit| * (factor ** (step - start) - 1)``."""
+    out = _float32(logits).astype(np.float64)
+    b = out.shape[0]
+    step, start, factor = (np.broadcast_to(np.asarray(v, np.float64), (b,)) for v in (step, start, factor))
+    for r in range(b):
+        if step[r] > start[r]:
+            for e in np.asarray(eos_ids).reshape(-1):
+                if np.isfinite(out[r, e]):
+                    out[r, e] += abs(out[r, e]) * (factor[r] ** (step[r] - start[r]) - 1)
+    return out.astype(np.float32)
+
+
+def allowed_tokens(logits: Any, ids: Any) -> np.ndarray:
+    """Keeps only ``ids`` (vLLM ``allowed_token_ids``); every other logit is -inf."""
+    out = np.full_like(_float32(logits), -np.inf)
+    ids = np.asarray(ids).reshape(-1)
+    out[..., ids] = _float32(logits)[..., ids]
+    return out
+
+
+def begin_suppress(logits: Any, step: Any, ids: Any) -> np.ndarray:
+    """HF's ``begin_suppress_tokens``: bans ``ids`` in the rows at their first generated step."""
+    out = _float32(logits).copy()
+    for r, s in enumerate(np.broadcast_to(np.asarray(step), (out.shape[0],))):
+        if s == 0:
+            out[r, np.asarray(ids).reshape(-1)] = -np.inf
     return out

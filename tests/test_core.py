@@ -39,7 +39,9 @@ def test_sampling_params_is_an_immutable_checked_pytree():
         sp.temperature = 1.0
     assert sp.eos_id == (3, 4) and sp.stop_sequences == ((1, 2),)
     leaves, treedef = jax.tree_util.tree_flatten(sp)
-    assert sorted(float(x) for x in leaves) == sorted([0.7, 5, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, -1.5, 3, 4, 0, 1, 2])
+    new_knobs = [0.0, 0.0, 0.0, 1, 0.1, 0.0, 0.0, 1.0, 0.0, 0.1, 0.0, 1.75, 2, 0, 0, 0]  # issue 13's, at defaults
+    assert sorted(float(x) for x in leaves) == sorted(
+        [0.7, 5, 1.0, 0.0, 1.0, 1.0, 0.0, 0.0, -1.5, 3, 4, 0, 1, 2] + new_knobs)
     back = jax.tree_util.tree_unflatten(treedef, leaves)
     assert back.temperature == 0.7 and back.eos_id == (3, 4) and back.logit_bias == {2: -1.5}
     assert sp.replace(top_k=0).top_k == 0 and sp.top_k == 5
