@@ -13,6 +13,13 @@ buffer), and three compiled functions:
   sequences and ``max_new_tokens`` finish a row, which then idles until the host frees and
   refills its slot at a chunk boundary.
 
+Structured output (``Request.constraint``, a :class:`jaxdecode.Constraint`) runs inside the
+same step: each slot holds its own automaton tables (``class_of[V]``, ``table[S, C]``, padded
+to the engine's current table capacity, a size bucket) and one automaton state in the
+:class:`DecodeState`; the mask is :func:`jaxdecode._structured.apply` per row. A new schema
+whose tables fit the capacity does not recompile; a larger one grows the capacity to its
+bucket once (one more decode program per bucket).
+
 Everything compiles once per (slot count, prompt bucket): a slot's settings are traced
 arrays, so inserting, finishing and refilling never recompile.
 
@@ -42,13 +49,14 @@ import numpy as np
 from jax import lax
 
 from . import _model as M
+from . import _structured as C
 from . import _validate as V
 from ._compilation import bucket
 from ._processors import DecodeContext, apply_frequency_presence_penalty, apply_repetition_penalty
 from ._sampling import SamplingKnobs, draw
 from ._settings import SamplingParams
 
-__all__ = ["Engine", "EngineLoop", "Request", "Prefix", "DecodeState", "ChunkOutput", "RowSettings",
+__all__ = ["Engine", "EngineLoop", "Request", "Prefix", "DecodeState", "SlotConstraints", "ChunkOutput", "RowSettings",
            "Completion", "seed_key", "FINISH_REASONS"]
 
 _FN = "jaxdecode.Engine"
@@ -95,6 +103,9 @@ class Request:
       n: choices (samples) of the prompt, int >= 1; the prompt is prefilled once.
       top_logprobs: int >= 0: also return the n most likely tokens of each step (raw
         log-softmax), at most the engine's ``top_logprobs``.
+      constraint: structured output, a :class:`jaxdecode.Constraint` (``jaxdecode.json_schema``,
+        ``regex``, ``choice``) the generated tokens must follow, or None. Its EOS ids must be
+        among the row's EOS ids (they end the row once the text is complete).
     """
 
     prompt: Sequence[int]
@@ -103,6 +114,7 @@ class Request:
     seed: int | None = None
     n: int = 1
     top_logprobs: int = 0
+    constraint: Any = None
 
 
 class RowSettings(NamedTuple):
@@ -147,6 +159,8 @@ class Prefix(NamedTuple):
       prompt_len: the prompt's length (host int).
       n: the number of choices.
       top_logprobs: alternatives per step the request asked for.
+      constraint: the request's :class:`jaxdecode.Constraint` or None (host tables, padded
+        at insert to the decode state's capacity).
     """
 
     cache: Any
@@ -156,6 +170,25 @@ class Prefix(NamedTuple):
     prompt_len: int
     n: int
     top_logprobs: int
+    constraint: Any = None
+
+
+class SlotConstraints(NamedTuple):
+    """Each slot's structured-output automaton (S slots; Q states and K classes of capacity).
+
+    Attributes:
+      class_of: int32[S, V], each token's class in the slot's constraint (0: never allowed).
+      table: int32[S, Q, K], next state per (state, class); -1: not allowed (padding too).
+      on: bool[S], the slot is constrained.
+      state: int32[S], the automaton state after ``consumed`` generated tokens.
+      consumed: int32[S], generated tokens fed to the automaton so far.
+    """
+
+    class_of: jax.Array
+    table: jax.Array
+    on: jax.Array
+    state: jax.Array
+    consumed: jax.Array
 
 
 class DecodeState(NamedTuple):
@@ -168,6 +201,7 @@ class DecodeState(NamedTuple):
       reason: int32[S]: 0 while the row generates, 1 finished by EOS / stop sequence, 2 by
         ``max_new_tokens``. A free slot holds a finished row.
       rows: :class:`RowSettings` of the S slots.
+      constraint: :class:`SlotConstraints` of the S slots.
     """
 
     cache: Any
@@ -175,6 +209,7 @@ class DecodeState(NamedTuple):
     context: DecodeContext
     reason: jax.Array
     rows: RowSettings
+    constraint: SlotConstraints
 
 
 class ChunkOutput(NamedTuple):
@@ -251,8 +286,18 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
     active = state.reason == RUNNING
     keys = jax.random.wrap_key_data(rows.key)
 
-    def sample(_):
+    def constrain(operand):
+        # Row-wise: an unconstrained row's logits pass through unchanged (bit for bit), so
+        # skipping this when no running row is constrained changes no row's result.
+        logits, cs = operand
+        tables = C.ConstraintTables(cs.class_of, cs.table, None, jnp.where(cs.on, jnp.arange(s), -1))
+        logits, st = C.apply(tables, logits, C.ConstraintState(cs.state, cs.consumed), ctx)
+        return logits, cs._replace(state=st.state, consumed=st.consumed)
+
+    def sample(cs):
         logits = _process_logits(cfg.vocab, rows, state.logits, ctx)
+        # Last: the draw renormalises over the allowed tokens (as generate's step).
+        logits, cs = lax.cond(jnp.any(active & cs.on), constrain, lambda op: op, (logits, cs))
         u = jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(keys, ctx.step)
         ids, lp = draw(u, logits, rows.knobs)
         raw_all = jax.nn.log_softmax(state.logits, axis=-1)
@@ -266,14 +311,14 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
             return jnp.zeros((s, cfg.num_top), jnp.int32), jnp.zeros((s, cfg.num_top), jnp.float32)
 
         top_ids, top_lp = lax.cond(jnp.any(active & rows.want_top), top, no_top, None)
-        return ids, lp, raw_lp, top_ids, top_lp
+        return ids, lp, raw_lp, top_ids, top_lp, cs
 
-    def no_sample(_):
+    def no_sample(cs):
         z = jnp.zeros((s,), jnp.float32)
         return (jnp.zeros((s,), jnp.int32), z, z, jnp.zeros((s, cfg.num_top), jnp.int32),
-                jnp.zeros((s, cfg.num_top), jnp.float32))
+                jnp.zeros((s, cfg.num_top), jnp.float32), cs)
 
-    ids, lp, raw_lp, top_ids, top_lp = lax.cond(jnp.any(active), sample, no_sample, None)
+    ids, lp, raw_lp, top_ids, top_lp, cons = lax.cond(jnp.any(active), sample, no_sample, state.constraint)
     ctx = ctx.advance(ids, active)
     hit = jnp.any(ids[:, None] == rows.eos_ids, axis=-1)
     hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, rows.stop_seqs, rows.stop_lens)
@@ -291,7 +336,7 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
     logits, cache = lax.cond(jnp.any(running), run_model, lambda op: (op[1], op[0]), (state.cache, state.logits))
     out = (jnp.where(active, ids, pad_id), active, jnp.where(active, lp, 0.0), jnp.where(active, raw_lp, 0.0),
            jnp.where(active[:, None], top_ids, pad_id), jnp.where(active[:, None], top_lp, 0.0))
-    return DecodeState(cache, logits, ctx, reason, rows), out
+    return DecodeState(cache, logits, ctx, reason, rows, cons), out
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
@@ -319,20 +364,25 @@ def _put_row(big, small, slot, axis):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1,))
-def _insert_jit(cfg: _Config, state: DecodeState, cache, logits, ctx, rows: RowSettings, choice, slot):
-    """Writes a one-row prefix and one choice's settings (``rows``, batch 1) into ``slot``."""
+def _insert_jit(cfg: _Config, state: DecodeState, cache, logits, ctx, rows: RowSettings, class_of, table, on,
+                choice, slot):
+    """Writes a one-row prefix, one choice's settings (``rows``, batch 1) and its constraint
+    tables (``class_of`` [1, V], ``table`` [1, Q, K], ``on`` [1]) into ``slot``."""
     axes = cfg.axes.obj
     new_cache = jax.tree.map(lambda big, small, ax: big if ax is None else _put_row(big, small, slot, ax),
                              state.cache, cache, axes, is_leaf=lambda v: v is None)
     key = jax.random.fold_in(jax.random.wrap_key_data(rows.key[0]), choice)
     one = rows._replace(key=jax.random.key_data(key)[None])
     put = lambda big, small: _put_row(big, small, slot, 0)
+    cs = state.constraint
     return DecodeState(
         cache=new_cache,
         logits=put(state.logits, logits),
         context=jax.tree.map(put, state.context, ctx),
         reason=state.reason.at[slot].set(RUNNING),
         rows=jax.tree.map(put, state.rows, one),
+        constraint=SlotConstraints(put(cs.class_of, class_of), put(cs.table, table), put(cs.on, on),
+                                   cs.state.at[slot].set(0), put(cs.consumed, ctx.step)),
     )
 
 
@@ -436,6 +486,19 @@ class Engine:
         if not isinstance(request.sampling, SamplingParams):
             raise TypeError(f"{fn}: `sampling` must be a jaxdecode.SamplingParams, got "
                             f"{type(request.sampling).__name__}.")
+        c = request.constraint
+        if c is not None:
+            if not isinstance(c, C.Constraint):
+                raise TypeError(f"{fn}: `constraint` must be a jaxdecode.Constraint (jaxdecode.json_schema / regex / "
+                                f"choice) or None, got {type(c).__name__}.")
+            if c.vocab_size > self.vocab:
+                raise ValueError(f"{fn}: `constraint` was built for a vocabulary of {c.vocab_size} tokens, larger "
+                                 f"than the model's {self.vocab}.")
+            eos = set(self.eos_ids if request.sampling.eos_id is None else request.sampling.eos_id)
+            if not set(c.eos_ids) <= eos:
+                raise ValueError(f"{fn}: the constraint's EOS ids {sorted(c.eos_ids)} are not all among the row's "
+                                 f"EOS ids {sorted(eos)}; a completed row could never stop. Pass eos_id= including "
+                                 f"them (or build the constraint with matching eos_ids=).")
         seed = request.seed
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
@@ -517,8 +580,11 @@ class Engine:
             stop_lens=jnp.zeros((s, self.max_stop_sequences), jnp.int32),
             max_new_tokens=zeros(jnp.int32), want_top=zeros(bool),
         )
+        q, k = C.STATE_BUCKETS[0], C.CLASS_BUCKETS[0]  # the smallest capacity; grows on demand
+        cons = SlotConstraints(jnp.zeros((s, v), jnp.int32), jnp.full((s, q, k), -1, jnp.int32), zeros(bool),
+                               zeros(jnp.int32), zeros(jnp.int32))
         return DecodeState(self.model.init_cache(s, w), jnp.zeros((s, v), jnp.float32), ctx,
-                           jnp.full((s,), STOPPED, jnp.int32), rows)
+                           jnp.full((s,), STOPPED, jnp.int32), rows, cons)
 
     def prefill(self, request: Request) -> Prefix:
         """Runs one request's prompt (checked first; batch 1, padded to a prompt bucket)."""
@@ -529,7 +595,7 @@ class Engine:
         tokens = np.full((1, pb), self.pad_id, np.int32)
         tokens[0, :p] = np.asarray(request.prompt, np.int32)
         cache, logits, ctx = _prefill_jit(self._cfg, pb, self._arrays, tokens, np.array([p], np.int32), self._pad)
-        return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs)
+        return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs, request.constraint)
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int, choice: int = 0) -> DecodeState:
         """Writes choice ``choice`` of a prefilled request into ``slot`` (donates ``state``)."""
@@ -542,8 +608,36 @@ class Engine:
             raise ValueError(f"{fn}: `choice` must be in [0, {prefix.n}), got {choice}.")
         # The choice's row is sliced on the host, so the program does not depend on n.
         row = jax.tree.map(lambda x: x[choice:choice + 1], prefix.rows)
-        return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row,
+        state = self.fit_constraint(state, prefix.constraint)
+        class_of, table, on = self._constraint_row(prefix.constraint, state.constraint.table.shape[1:])
+        return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row, class_of, table, on,
                            np.int32(choice), np.int32(slot))
+
+    def fit_constraint(self, state: DecodeState, constraint: Any) -> DecodeState:
+        """The state with table capacity for ``constraint`` (unchanged when it fits; else every
+        slot's table is padded to the constraint's size bucket: the next decode compiles once
+        for the new capacity, and every later constraint that fits reuses it)."""
+        if constraint is None:
+            return state
+        cs = state.constraint
+        q, k = cs.table.shape[1:]
+        if constraint.num_states <= q and constraint.num_classes <= k:
+            return state
+        q2 = max(q, bucket(constraint.num_states, *C.STATE_BUCKETS))
+        k2 = max(k, bucket(constraint.num_classes, *C.CLASS_BUCKETS))
+        table = jnp.pad(cs.table, ((0, 0), (0, q2 - q), (0, k2 - k)), constant_values=-1)
+        return state._replace(constraint=cs._replace(table=table))
+
+    def _constraint_row(self, constraint: Any, shape: tuple) -> tuple:
+        """One slot's padded tables on the host: (class_of [1, V], table [1, Q, K], on [1])."""
+        v = self.vocab
+        if constraint is None:
+            return np.zeros((1, v), np.int32), np.full((1,) + tuple(shape), -1, np.int32), np.zeros((1,), bool)
+        class_of = np.zeros((1, v), np.int32)  # class 0: never allowed (ids beyond the tokenizer's too)
+        class_of[0, : constraint.vocab_size] = constraint.class_of
+        table = np.full((1,) + tuple(shape), -1, np.int32)
+        table[0, : constraint.num_states, : constraint.num_classes] = constraint.table
+        return class_of, table, np.ones((1,), bool)
 
     def decode(self, state: DecodeState) -> tuple[DecodeState, ChunkOutput]:
         """Advances every running slot ``chunk_size`` tokens (donates ``state``)."""
