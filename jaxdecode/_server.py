@@ -209,7 +209,10 @@ def build_app(state: ServingState):
     async def serve(request, kind: str):
         try:
             body = await _read_json(request)
-            parsed = parse(body, kind, state.engine, state.tokenizer, state.model_name, state.served_names)
+            # In a worker thread: a new response_format schema builds its automaton on the host
+            # (seconds for json_object on a large vocabulary) without stalling other streams.
+            parsed = await asyncio.to_thread(parse, body, kind, state.engine, state.tokenizer, state.model_name,
+                                             state.served_names)
             if not state.ready.is_set():
                 raise APIError("The server is warming up (compiling); retry in a few seconds.", status=503,
                                type="server_not_ready")
