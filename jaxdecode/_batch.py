@@ -108,6 +108,8 @@ def run_batch(loop: EngineLoop, tokenizer: Any, model_name: str, lines: Iterable
     Returns counts: ``{"lines", "ok", "errors", "completion_tokens", "seconds"}``.
     """
     engine = loop.engine
+    if engine.tokenizer is None:  # stop strings are matched in the engine's loop, on this vocabulary
+        engine.tokenizer = tokenizer
     bar = None
     if progress:
         from tqdm import tqdm

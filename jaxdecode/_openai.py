@@ -7,9 +7,10 @@ batch mode (``jaxdecode batch``, :mod:`jaxdecode._batch`):
   :class:`~jaxdecode._engine.Request` objects (one per prompt) and the host-side options
   (stop strings, logprobs, streaming); a bad field is an :class:`APIError` naming it, in
   OpenAI's error JSON.
-* :class:`ChoiceText` follows one choice's tokens: incremental detokenization, stop strings
-  (matched on the host, on the decoded text, after each chunk; see :func:`find_stop`), log-
-  probabilities, and the streamed text deltas.
+* :class:`ChoiceText` follows one choice's tokens: incremental detokenization, the text cut
+  at the first stop string (:func:`find_stop`; the engine's loop already ended the row at the
+  token that completed it, from the request's ``stop_table``), log-probabilities, and the
+  streamed text deltas.
 * :func:`completion_body` / :func:`chunk_body` build the responses and stream chunks.
 
 Where the OpenAI API is silent, this follows vLLM's OpenAI-compatible server (its extra
@@ -388,10 +389,17 @@ def parse(body: Any, kind: str, engine: Engine, tokenizer: Any, model_name: str,
             raise APIError(f"`response_format` needs the tokenizer's EOS ids {sorted(constraint.eos_ids)} to end a "
                            f"row once its JSON is complete; this request's EOS ids are {sorted(eos)} (drop "
                            f"`ignore_eos` / `eos_id`).", "response_format")
+    stops = _stop_strings(body)
+    if stops:  # matched in the engine's loop: the row ends at the token completing a stop string
+        sampling = sampling.replace(stop=tuple(stops))
+        try:
+            engine.stop_table(stops)  # built (and cached) here, off the engine thread
+        except (ValueError, TypeError) as e:
+            raise APIError(f"`stop`: {e}", "stop") from None
     requests = [Request(ids, max_tokens, sampling, seed=seed, n=n, top_logprobs=logprobs or 0, constraint=constraint)
                 for _, ids in prompts]
     return Parsed(kind, model_name if model is None else model, requests, [t for t, _ in prompts],
-                  _stop_strings(body), stream, include_usage, logprobs, echo, n)
+                  stops, stream, include_usage, logprobs, echo, n)
 
 
 def _prompts(prompt: Any, tokenizer: Any) -> list[tuple[str, list[int]]]:
@@ -418,8 +426,8 @@ def _prompts(prompt: Any, tokenizer: Any) -> list[tuple[str, list[int]]]:
 
 def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
     """The index in ``text`` where the earliest stop string begins (searching from
-    ``start``), or -1. The one place stop strings are matched: on the host, on the decoded
-    text, at chunk boundaries."""
+    ``start``), or -1: where the host cuts the text. (The row itself is stopped inside the
+    engine's decode step, at the token that completes the stop string.)"""
     best = -1
     for s in stops:
         i = text.find(s, start)

@@ -53,6 +53,8 @@ class ServingState:
     def __init__(self, engine: Engine, tokenizer: Any, model_name: str, *, max_queue: int = 256,
                  warmup: bool = True, served_names: Sequence[str] = ()):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        if engine.tokenizer is None:  # stop strings are matched in the engine's loop, on this vocabulary
+            engine.tokenizer = tokenizer
         self.served_names = tuple(served_names)
         self.loop = EngineLoop(engine, max_queue=max_queue)
         self.warmup = warmup
@@ -350,7 +352,8 @@ def load_engine(args: argparse.Namespace):
     from ._model import default_eos_ids
 
     eos = default_eos_ids(model) or tuple(tokenizer.eos_ids)  # vLLM: the tokenizer's EOS as fallback
-    engine = Engine(model, slots=args.slots, max_seq_len=max_len, chunk_size=args.chunk_size, eos_ids=eos)
+    engine = Engine(model, slots=args.slots, max_seq_len=max_len, chunk_size=args.chunk_size, eos_ids=eos,
+                    tokenizer=tokenizer)
     name = args.served_model_name
     if name is None:
         name = "SmolLM2-135M-Instruct" if args.model is None else os.path.basename(os.path.normpath(args.model))

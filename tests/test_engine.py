@@ -236,7 +236,7 @@ def test_engine_layering():
     front = {"jaxdecode._server", "jaxdecode._openai", "jaxdecode._batch", "jaxdecode._cli"}
     assert graph["jaxdecode._engine"] <= {"jaxdecode._model", "jaxdecode._validate", "jaxdecode._compilation",
                                           "jaxdecode._processors", "jaxdecode._sampling", "jaxdecode._settings",
-                                          "jaxdecode._structured"}
+                                          "jaxdecode._structured", "jaxdecode._stop"}
     for name, deps in graph.items():
         if name not in front and name not in ("jaxdecode", "jaxdecode.__main__"):
             assert not deps & front, (name, deps & front)
@@ -348,3 +348,49 @@ def test_constraint_request_checks():
     wide = jaxdecode.regex("a+", JSON_TOKENS + ["q"] * 8, eos_ids=[0])
     with pytest.raises(ValueError, match=r"vocabulary of 40 tokens, larger than the model's 32"):
         ENGINE4.check(Request([1], 2, jaxdecode.SamplingParams(eos_id=[0]), constraint=wide))
+
+
+# ---------------------------------------------------------------------------------------
+# Stop strings per slot, in the loop
+
+# Token i's text for the 32 ids: single letters and a few multi-letter pieces.
+STOP_TOKENS = [""] + [chr(ord("a") + i) for i in range(26)] + ["ab", "cd", "xyz", "ba", "\n\n"]
+
+
+def test_stop_strings_end_rows_in_the_loop_and_equal_generate():
+    engine = Engine(TRIGRAM, slots=4, max_seq_len=W, chunk_size=4, top_logprobs=3, tokenizer=STOP_TOKENS)
+    reqs = []
+    for i, stops in enumerate([["ab"], ["c", "zz"], ["\n\n", "q"], None, ["dab", "ba"], ["xyz"]]):
+        sp = jaxdecode.SamplingParams(temperature=1.3, eos_id=(), stop=stops)
+        reqs.append(Request([3, 1 + i], 40, sp, seed=50 + i))
+    loop = EngineLoop(engine)
+    handles = loop.run(reqs)
+    for req, h in zip(reqs, handles):
+        comp = h.choices[0]
+        key = jax.random.fold_in(seed_key(req.seed), 0)[None]
+        stops = req.sampling.stop
+        out = jaxdecode.generate(TRIGRAM, jnp.asarray([req.prompt]), req.max_new_tokens, key=key,
+                                 sampling=req.sampling, tokenizer=STOP_TOKENS if stops else None)
+        n = int(out.num_generated[0])
+        assert comp.tokens == out.tokens[0, 2:2 + n].tolist()  # ends at the completing token, not the chunk's end
+        if stops is not None and comp.finish_reason == "stop":
+            text = "".join(STOP_TOKENS[t] for t in comp.tokens)
+            before = "".join(STOP_TOKENS[t] for t in comp.tokens[:-1])
+            # The last token completed a stop string: it is in the text, and was not before it.
+            assert any(s in text for s in stops) and not any(s in before for s in stops), (text, stops)
+    assert any(h.choices[0].finish_reason == "stop" for h in handles[:3])
+
+
+def test_new_stop_lists_insert_without_recompiling():
+    engine = Engine(TRIGRAM, slots=2, max_seq_len=W, chunk_size=3, top_logprobs=3, tokenizer=STOP_TOKENS)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    loop = EngineLoop(engine)
+    sp = jaxdecode.SamplingParams(temperature=1.0, eos_id=())
+    loop.run([Request([1], 5, sp.replace(stop=["ab"]), seed=0)])
+    before, programs = len(compiles), engine.compiled_count()
+    lists = [["a"], ["xyz", "q"], ["hello", "wor", "ld"], ["\n\n"], ["ba", "cd", "e", "ff"]]
+    handles = loop.run([Request([2 + i], 20, sp.replace(stop=s), seed=i) for i, s in enumerate(lists)])
+    assert len(compiles) == before and engine.compiled_count() == programs
+    assert all(c.finish_reason in ("stop", "length") for h in handles for c in h.choices)

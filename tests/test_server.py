@@ -520,3 +520,24 @@ def test_response_format_json_schema_and_json_object_under_concurrent_load():
     finally:
         server.should_exit = True
         thread.join(30)
+
+
+def test_stop_strings_end_the_row_inside_the_chunk():
+    """The stop string "d" completes at the 3rd token of "bcdefgh...": the engine's loop ends
+    the row there (3 tokens generated, not the chunk's 8; one chunk for the request), and the
+    text is cut before it."""
+    engine = Engine(PLUS, slots=2, max_seq_len=128, chunk_size=8, top_logprobs=2, eos_ids=TOK.eos_ids)
+    state = ServingState(engine, TOK, NAME, warmup=False)
+    with TestClient(build_app(state)) as c:
+        chunks = state.loop.stats["chunks"]
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 40, "temperature": 0, "stop": ["zz", "d"]})
+        body = r.json()
+        assert body["choices"][0]["text"] == "bc" and body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == 3
+        assert state.loop.stats["chunks"] - chunks == 1 and state.loop.stats["tokens"] == 3
+        # A stop string spanning tokens ("ef" = "e" + "f") and a second list: no recompilation.
+        programs = engine.compiled_count()
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 40, "temperature": 0, "stop": "ef"})
+        assert r.json()["choices"][0]["text"] == "bcd" and r.json()["choices"][0]["finish_reason"] == "stop"
+        assert r.json()["usage"]["completion_tokens"] == 5 and state.loop.stats["tokens"] == 8
+        assert engine.compiled_count() == programs
