@@ -134,6 +134,8 @@ def run_batch(loop: EngineLoop, tokenizer: Any, model_name: str, lines: Iterable
     def on_update(entry: _Line, pi: int, handle: Handle, choice: int, new: int) -> None:
         ct = entry.texts[pi][choice]
         ct.update(handle.choices[choice])
+        # The engine's loop already ended the row at the stop string; this only guards the
+        # text's cut (a no-op for a finished row).
         if ct.stopped:
             handle.stop_choice(choice)
 

@@ -161,6 +161,8 @@ class _Job:
         ct = self.texts[pi][choice]
         comp = handle.choices[choice]
         piece = ct.update(comp)
+        # The engine's loop already ended the row at the stop string; this only guards the
+        # text's cut (a no-op for a finished row).
         if ct.stopped:
             handle.stop_choice(choice)
         done = ct.stopped or comp.finish_reason is not None
