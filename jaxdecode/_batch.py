@@ -108,6 +108,8 @@ def run_batch(loop: EngineLoop, tokenizer: Any, model_name: str, lines: Iterable
     Returns counts: ``{"lines", "ok", "errors", "completion_tokens", "seconds"}``.
     """
     engine = loop.engine
+    if engine.tokenizer is None:  # stop strings are matched in the engine's loop, on this vocabulary
+        engine.tokenizer = tokenizer
     bar = None
     if progress:
         from tqdm import tqdm
@@ -132,6 +134,8 @@ def run_batch(loop: EngineLoop, tokenizer: Any, model_name: str, lines: Iterable
     def on_update(entry: _Line, pi: int, handle: Handle, choice: int, new: int) -> None:
         ct = entry.texts[pi][choice]
         ct.update(handle.choices[choice])
+        # The engine's loop already ended the row at the stop string; this only guards the
+        # text's cut (a no-op for a finished row).
         if ct.stopped:
             handle.stop_choice(choice)
 

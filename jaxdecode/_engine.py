@@ -13,6 +13,19 @@ buffer), and three compiled functions:
   sequences and ``max_new_tokens`` finish a row, which then idles until the host frees and
   refills its slot at a chunk boundary.
 
+Structured output (``Request.constraint``, a :class:`jaxdecode.Constraint`) runs inside the
+same step: each slot holds its own automaton tables (``class_of[V]``, ``table[S, C]``, padded
+to the engine's current table capacity, a size bucket) and one automaton state in the
+:class:`DecodeState`; the mask is :func:`jaxdecode._structured.apply` per row. A new schema
+whose tables fit the capacity does not recompile; a larger one grows the capacity to its
+bucket once (one more decode program per bucket).
+
+Stop strings (``SamplingParams.stop``, over the engine's ``tokenizer``) run in the step too: each slot
+holds its own Aho-Corasick table over the vocabulary (:mod:`jaxdecode._stop`, its columns
+compacted into token classes) and one automaton state, so a row ends at the token that
+completes a stop string and its slot frees at the chunk's end, with no steps wasted; the host
+only cuts the text.
+
 Everything compiles once per (slot count, prompt bucket): a slot's settings are traced
 arrays, so inserting, finishing and refilling never recompile.
 
@@ -42,13 +55,16 @@ import numpy as np
 from jax import lax
 
 from . import _model as M
+from . import _stop
+from . import _structured as C
 from . import _validate as V
 from ._compilation import bucket
 from ._processors import DecodeContext, apply_frequency_presence_penalty, apply_repetition_penalty
 from ._sampling import SamplingKnobs, draw
 from ._settings import SamplingParams
 
-__all__ = ["Engine", "EngineLoop", "Request", "Prefix", "DecodeState", "ChunkOutput", "RowSettings",
+__all__ = ["Engine", "EngineLoop", "Request", "Prefix", "DecodeState", "SlotConstraints", "SlotStops", "StopTable",
+           "stop_table", "ChunkOutput", "RowSettings",
            "Completion", "seed_key", "FINISH_REASONS"]
 
 _FN = "jaxdecode.Engine"
@@ -95,6 +111,9 @@ class Request:
       n: choices (samples) of the prompt, int >= 1; the prompt is prefilled once.
       top_logprobs: int >= 0: also return the n most likely tokens of each step (raw
         log-softmax), at most the engine's ``top_logprobs``.
+      constraint: structured output, a :class:`jaxdecode.Constraint` (``jaxdecode.json_schema``,
+        ``regex``, ``choice``) the generated tokens must follow, or None. Its EOS ids must be
+        among the row's EOS ids (they end the row once the text is complete).
     """
 
     prompt: Sequence[int]
@@ -103,6 +122,66 @@ class Request:
     seed: int | None = None
     n: int = 1
     top_logprobs: int = 0
+    constraint: Any = None
+
+
+class StopTable(NamedTuple):
+    """Stop strings as a compact host table for one slot (built by :func:`stop_table`).
+
+    Attributes:
+      strings: the stop strings.
+      class_of: int32[V], each token's class (tokens with identical columns share one).
+      table: int32[Q, K], the automaton state after a token of class ``k`` from state ``q``,
+        or ``-(j + 1)`` when stop string ``j`` completes inside the token (see
+        :func:`jaxdecode._stop.build_table`).
+    """
+
+    strings: tuple
+    class_of: np.ndarray
+    table: np.ndarray
+
+    @property
+    def num_states(self) -> int:
+        return int(self.table.shape[0])
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.table.shape[1])
+
+
+_STOP_TABLES: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_STOP_LOCK = threading.Lock()
+STOP_STATE_BUCKETS = (16, 2)
+STOP_CLASS_BUCKETS = (32, 2)
+
+
+def stop_table(stops: Sequence[str], tokenizer: Any, vocab_size: int) -> StopTable:
+    """The :class:`StopTable` of ``stops`` over ``tokenizer``'s vocabulary (cached per
+    tokenizer and stop list: a server sees the same few lists again and again).
+
+    Example:
+      >>> from jaxdecode._engine import stop_table
+      >>> t = stop_table(["ab"], ["a", "b", "xab", ""], 4)
+      >>> t.table[:, t.class_of].tolist()[:2]  # states 0 and 1 (after "a")
+      [[1, 0, -1, 0], [1, -1, -1, 1]]
+    """
+    fn = "jaxdecode.Engine.stop_table"
+    stops = _stop.normalise(fn, list(stops))
+    key = (id(tokenizer), stops, int(vocab_size))
+    with _STOP_LOCK:
+        hit = _STOP_TABLES.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            _STOP_TABLES.move_to_end(key)
+            return hit[1]
+    dense = _stop.build_table(stops, _stop.vocab_bytes(fn, tokenizer, vocab_size))  # [Q, V]
+    q = _stop._automaton([x.encode("utf-8") for x in stops])[0].shape[0]  # rows past it are padding
+    cols, class_of = np.unique(dense[:q].T, axis=0, return_inverse=True)
+    out = StopTable(stops, class_of.reshape(-1).astype(np.int32), np.ascontiguousarray(cols.T, np.int32))
+    with _STOP_LOCK:
+        _STOP_TABLES[key] = (tokenizer, out)  # holds the tokenizer: its id stays unique while cached
+        while len(_STOP_TABLES) > 64:
+            _STOP_TABLES.popitem(last=False)
+    return out
 
 
 class RowSettings(NamedTuple):
@@ -147,6 +226,8 @@ class Prefix(NamedTuple):
       prompt_len: the prompt's length (host int).
       n: the number of choices.
       top_logprobs: alternatives per step the request asked for.
+      constraint: the request's :class:`jaxdecode.Constraint` or None (host tables, padded
+        at insert to the decode state's capacity).
     """
 
     cache: Any
@@ -156,6 +237,40 @@ class Prefix(NamedTuple):
     prompt_len: int
     n: int
     top_logprobs: int
+    constraint: Any = None
+    stop_table: Any = None
+
+
+class SlotStops(NamedTuple):
+    """Each slot's stop-string automaton (S slots; Q states and K classes of capacity; a slot
+    without stop strings has an all-zero table: its state stays 0).
+
+    Attributes:
+      class_of: int32[S, V]; table: int32[S, Q, K] (see :class:`StopTable`); state: int32[S]
+      (negative once a stop string completed).
+    """
+
+    class_of: jax.Array
+    table: jax.Array
+    state: jax.Array
+
+
+class SlotConstraints(NamedTuple):
+    """Each slot's structured-output automaton (S slots; Q states and K classes of capacity).
+
+    Attributes:
+      class_of: int32[S, V], each token's class in the slot's constraint (0: never allowed).
+      table: int32[S, Q, K], next state per (state, class); -1: not allowed (padding too).
+      on: bool[S], the slot is constrained.
+      state: int32[S], the automaton state after ``consumed`` generated tokens.
+      consumed: int32[S], generated tokens fed to the automaton so far.
+    """
+
+    class_of: jax.Array
+    table: jax.Array
+    on: jax.Array
+    state: jax.Array
+    consumed: jax.Array
 
 
 class DecodeState(NamedTuple):
@@ -168,6 +283,8 @@ class DecodeState(NamedTuple):
       reason: int32[S]: 0 while the row generates, 1 finished by EOS / stop sequence, 2 by
         ``max_new_tokens``. A free slot holds a finished row.
       rows: :class:`RowSettings` of the S slots.
+      constraint: :class:`SlotConstraints` of the S slots.
+      stops: :class:`SlotStops` of the S slots.
     """
 
     cache: Any
@@ -175,6 +292,8 @@ class DecodeState(NamedTuple):
     context: DecodeContext
     reason: jax.Array
     rows: RowSettings
+    constraint: SlotConstraints
+    stops: SlotStops
 
 
 class ChunkOutput(NamedTuple):
@@ -251,8 +370,18 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
     active = state.reason == RUNNING
     keys = jax.random.wrap_key_data(rows.key)
 
-    def sample(_):
+    def constrain(operand):
+        # Row-wise: an unconstrained row's logits pass through unchanged (bit for bit), so
+        # skipping this when no running row is constrained changes no row's result.
+        logits, cs = operand
+        tables = C.ConstraintTables(cs.class_of, cs.table, None, jnp.where(cs.on, jnp.arange(s), -1))
+        logits, st = C.apply(tables, logits, C.ConstraintState(cs.state, cs.consumed), ctx)
+        return logits, cs._replace(state=st.state, consumed=st.consumed)
+
+    def sample(cs):
         logits = _process_logits(cfg.vocab, rows, state.logits, ctx)
+        # Last: the draw renormalises over the allowed tokens (as generate's step).
+        logits, cs = lax.cond(jnp.any(active & cs.on), constrain, lambda op: op, (logits, cs))
         u = jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(keys, ctx.step)
         ids, lp = draw(u, logits, rows.knobs)
         raw_all = jax.nn.log_softmax(state.logits, axis=-1)
@@ -266,17 +395,22 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
             return jnp.zeros((s, cfg.num_top), jnp.int32), jnp.zeros((s, cfg.num_top), jnp.float32)
 
         top_ids, top_lp = lax.cond(jnp.any(active & rows.want_top), top, no_top, None)
-        return ids, lp, raw_lp, top_ids, top_lp
+        return ids, lp, raw_lp, top_ids, top_lp, cs
 
-    def no_sample(_):
+    def no_sample(cs):
         z = jnp.zeros((s,), jnp.float32)
         return (jnp.zeros((s,), jnp.int32), z, z, jnp.zeros((s, cfg.num_top), jnp.int32),
-                jnp.zeros((s, cfg.num_top), jnp.float32))
+                jnp.zeros((s, cfg.num_top), jnp.float32), cs)
 
-    ids, lp, raw_lp, top_ids, top_lp = lax.cond(jnp.any(active), sample, no_sample, None)
+    ids, lp, raw_lp, top_ids, top_lp, cons = lax.cond(jnp.any(active), sample, no_sample, state.constraint)
     ctx = ctx.advance(ids, active)
     hit = jnp.any(ids[:, None] == rows.eos_ids, axis=-1)
     hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, rows.stop_seqs, rows.stop_lens)
+    st = state.stops
+    r = jnp.arange(s)
+    nxt = st.table[r, jnp.maximum(st.state, 0), st.class_of[r, ids]]
+    stop_state = jnp.where(active & (st.state >= 0), nxt, st.state)
+    hit |= stop_state < 0
     reason = jnp.where(active & hit, STOPPED, state.reason)
     reason = jnp.where(active & (reason == RUNNING) & (ctx.step >= rows.max_new_tokens), LENGTH, reason)
     running = reason == RUNNING
@@ -291,7 +425,7 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
     logits, cache = lax.cond(jnp.any(running), run_model, lambda op: (op[1], op[0]), (state.cache, state.logits))
     out = (jnp.where(active, ids, pad_id), active, jnp.where(active, lp, 0.0), jnp.where(active, raw_lp, 0.0),
            jnp.where(active[:, None], top_ids, pad_id), jnp.where(active[:, None], top_lp, 0.0))
-    return DecodeState(cache, logits, ctx, reason, rows), out
+    return DecodeState(cache, logits, ctx, reason, rows, cons, st._replace(state=stop_state)), out
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
@@ -319,20 +453,27 @@ def _put_row(big, small, slot, axis):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(1,))
-def _insert_jit(cfg: _Config, state: DecodeState, cache, logits, ctx, rows: RowSettings, choice, slot):
-    """Writes a one-row prefix and one choice's settings (``rows``, batch 1) into ``slot``."""
+def _insert_jit(cfg: _Config, state: DecodeState, cache, logits, ctx, rows: RowSettings, class_of, table, on,
+                stop_class_of, stop_tab, choice, slot):
+    """Writes a one-row prefix, one choice's settings (``rows``, batch 1) and its constraint
+    tables (``class_of`` [1, V], ``table`` [1, Q, K], ``on`` [1]) into ``slot``."""
     axes = cfg.axes.obj
     new_cache = jax.tree.map(lambda big, small, ax: big if ax is None else _put_row(big, small, slot, ax),
                              state.cache, cache, axes, is_leaf=lambda v: v is None)
     key = jax.random.fold_in(jax.random.wrap_key_data(rows.key[0]), choice)
     one = rows._replace(key=jax.random.key_data(key)[None])
     put = lambda big, small: _put_row(big, small, slot, 0)
+    cs = state.constraint
     return DecodeState(
         cache=new_cache,
         logits=put(state.logits, logits),
         context=jax.tree.map(put, state.context, ctx),
         reason=state.reason.at[slot].set(RUNNING),
         rows=jax.tree.map(put, state.rows, one),
+        constraint=SlotConstraints(put(cs.class_of, class_of), put(cs.table, table), put(cs.on, on),
+                                   cs.state.at[slot].set(0), put(cs.consumed, ctx.step)),
+        stops=SlotStops(put(state.stops.class_of, stop_class_of), put(state.stops.table, stop_tab),
+                        state.stops.state.at[slot].set(0)),
     )
 
 
@@ -362,6 +503,9 @@ class Engine:
       pad_id: token id written where a slot generated nothing.
       eos_ids: the EOS ids of requests whose ``eos_id`` is None (default: the model's
         ``config.eos_ids``; the server passes the tokenizer's when the model declares none).
+      tokenizer: the vocabulary's text, needed for requests with ``SamplingParams.stop``
+        strings (a ``jaxdecode.models`` tokenizer, or a list of each token id's text); the
+        server sets its own when this is None.
 
     Example:
       >>> import jax, jax.numpy as jnp, jaxdecode
@@ -378,7 +522,7 @@ class Engine:
 
     def __init__(self, model: Any, *, slots: int = 8, max_seq_len: int | None = None, chunk_size: int = 8,
                  top_logprobs: int = 20, max_eos_ids: int = 8, max_stop_sequences: int = 8, max_stop_len: int = 16,
-                 pad_id: int = 0, eos_ids: Sequence[int] | None = None):
+                 pad_id: int = 0, eos_ids: Sequence[int] | None = None, tokenizer: Any = None):
         fn = _FN
         self.slots = V.check_count(fn, "slots", slots, 1)
         self.chunk_size = V.check_count(fn, "chunk_size", chunk_size, 1)
@@ -396,6 +540,7 @@ class Engine:
         if limit is not None:
             V.check_at_most(fn, "max_seq_len", self.max_seq_len, limit, "the model's context (model.config.max_seq_len)")
         self.model = M.as_cached(model)
+        self.tokenizer = tokenizer
         self.eos_ids = M.default_eos_ids(model) if eos_ids is None else tuple(int(e) for e in eos_ids)
         static, self._arrays = M.split(self.model)
         w = self.max_seq_len
@@ -436,6 +581,22 @@ class Engine:
         if not isinstance(request.sampling, SamplingParams):
             raise TypeError(f"{fn}: `sampling` must be a jaxdecode.SamplingParams, got "
                             f"{type(request.sampling).__name__}.")
+        c = request.constraint
+        if c is not None:
+            if not isinstance(c, C.Constraint):
+                raise TypeError(f"{fn}: `constraint` must be a jaxdecode.Constraint (jaxdecode.json_schema / regex / "
+                                f"choice) or None, got {type(c).__name__}.")
+            if c.vocab_size > self.vocab:
+                raise ValueError(f"{fn}: `constraint` was built for a vocabulary of {c.vocab_size} tokens, larger "
+                                 f"than the model's {self.vocab}.")
+            eos = set(self.eos_ids if request.sampling.eos_id is None else request.sampling.eos_id)
+            if not set(c.eos_ids) <= eos:
+                raise ValueError(f"{fn}: the constraint's EOS ids {sorted(c.eos_ids)} are not all among the row's "
+                                 f"EOS ids {sorted(eos)}; a completed row could never stop. Pass eos_id= including "
+                                 f"them (or build the constraint with matching eos_ids=).")
+        if request.sampling.stop and self.tokenizer is None:
+            raise ValueError(f"{fn}: `stop` strings need the engine's `tokenizer` (Engine(..., tokenizer=...)) to "
+                             f"match the generated text; got stop={request.sampling.stop!r}.")
         seed = request.seed
         if seed is None:
             seed = int.from_bytes(os.urandom(8), "little")
@@ -517,8 +678,13 @@ class Engine:
             stop_lens=jnp.zeros((s, self.max_stop_sequences), jnp.int32),
             max_new_tokens=zeros(jnp.int32), want_top=zeros(bool),
         )
+        q, k = C.STATE_BUCKETS[0], C.CLASS_BUCKETS[0]  # the smallest capacity; grows on demand
+        cons = SlotConstraints(jnp.zeros((s, v), jnp.int32), jnp.full((s, q, k), -1, jnp.int32), zeros(bool),
+                               zeros(jnp.int32), zeros(jnp.int32))
+        stops = SlotStops(jnp.zeros((s, v), jnp.int32),
+                          jnp.zeros((s, STOP_STATE_BUCKETS[0], STOP_CLASS_BUCKETS[0]), jnp.int32), zeros(jnp.int32))
         return DecodeState(self.model.init_cache(s, w), jnp.zeros((s, v), jnp.float32), ctx,
-                           jnp.full((s,), STOPPED, jnp.int32), rows)
+                           jnp.full((s,), STOPPED, jnp.int32), rows, cons, stops)
 
     def prefill(self, request: Request) -> Prefix:
         """Runs one request's prompt (checked first; batch 1, padded to a prompt bucket)."""
@@ -529,7 +695,9 @@ class Engine:
         tokens = np.full((1, pb), self.pad_id, np.int32)
         tokens[0, :p] = np.asarray(request.prompt, np.int32)
         cache, logits, ctx = _prefill_jit(self._cfg, pb, self._arrays, tokens, np.array([p], np.int32), self._pad)
-        return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs)
+        stops = request.sampling.stop
+        table = self.stop_table(stops) if stops else None
+        return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs, request.constraint, table)
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int, choice: int = 0) -> DecodeState:
         """Writes choice ``choice`` of a prefilled request into ``slot`` (donates ``state``)."""
@@ -542,8 +710,64 @@ class Engine:
             raise ValueError(f"{fn}: `choice` must be in [0, {prefix.n}), got {choice}.")
         # The choice's row is sliced on the host, so the program does not depend on n.
         row = jax.tree.map(lambda x: x[choice:choice + 1], prefix.rows)
-        return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row,
-                           np.int32(choice), np.int32(slot))
+        state = self.fit_constraint(state, prefix.constraint)
+        class_of, table, on = self._constraint_row(prefix.constraint, state.constraint.table.shape[1:])
+        state = self.fit_stops(state, prefix.stop_table)
+        stop_cls, stop_tab = self._stop_row(prefix.stop_table, state.stops.table.shape[1:])
+        return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row, class_of, table, on,
+                           stop_cls, stop_tab, np.int32(choice), np.int32(slot))
+
+    def stop_table(self, stops: Sequence[str]) -> StopTable:
+        """``stops`` over the engine's tokenizer (cached; the front ends call it early, off the
+        engine thread, so a new stop list's table is built before its prefill)."""
+        return stop_table(stops, self.tokenizer, self.vocab)
+
+    def fit_stops(self, state: DecodeState, table: StopTable | None) -> DecodeState:
+        """The state with stop-table capacity for ``table`` (as :meth:`fit_constraint`)."""
+        if table is None:
+            return state
+        st = state.stops
+        q, k = st.table.shape[1:]
+        if table.num_states <= q and table.num_classes <= k:
+            return state
+        q2 = max(q, bucket(table.num_states, *STOP_STATE_BUCKETS))
+        k2 = max(k, bucket(table.num_classes, *STOP_CLASS_BUCKETS))
+        return state._replace(stops=st._replace(table=jnp.pad(st.table, ((0, 0), (0, q2 - q), (0, k2 - k)))))
+
+    def _stop_row(self, table: StopTable | None, shape: tuple) -> tuple:
+        """One slot's padded stop tables on the host: (class_of [1, V], table [1, Q, K])."""
+        class_of = np.zeros((1, self.vocab), np.int32)
+        tab = np.zeros((1,) + tuple(shape), np.int32)
+        if table is not None:
+            class_of[0, : table.class_of.shape[0]] = table.class_of
+            tab[0, : table.num_states, : table.num_classes] = table.table
+        return class_of, tab
+
+    def fit_constraint(self, state: DecodeState, constraint: Any) -> DecodeState:
+        """The state with table capacity for ``constraint`` (unchanged when it fits; else every
+        slot's table is padded to the constraint's size bucket: the next decode compiles once
+        for the new capacity, and every later constraint that fits reuses it)."""
+        if constraint is None:
+            return state
+        cs = state.constraint
+        q, k = cs.table.shape[1:]
+        if constraint.num_states <= q and constraint.num_classes <= k:
+            return state
+        q2 = max(q, bucket(constraint.num_states, *C.STATE_BUCKETS))
+        k2 = max(k, bucket(constraint.num_classes, *C.CLASS_BUCKETS))
+        table = jnp.pad(cs.table, ((0, 0), (0, q2 - q), (0, k2 - k)), constant_values=-1)
+        return state._replace(constraint=cs._replace(table=table))
+
+    def _constraint_row(self, constraint: Any, shape: tuple) -> tuple:
+        """One slot's padded tables on the host: (class_of [1, V], table [1, Q, K], on [1])."""
+        v = self.vocab
+        if constraint is None:
+            return np.zeros((1, v), np.int32), np.full((1,) + tuple(shape), -1, np.int32), np.zeros((1,), bool)
+        class_of = np.zeros((1, v), np.int32)  # class 0: never allowed (ids beyond the tokenizer's too)
+        class_of[0, : constraint.vocab_size] = constraint.class_of
+        table = np.full((1,) + tuple(shape), -1, np.int32)
+        table[0, : constraint.num_states, : constraint.num_classes] = constraint.table
+        return class_of, table, np.ones((1,), bool)
 
     def decode(self, state: DecodeState) -> tuple[DecodeState, ChunkOutput]:
         """Advances every running slot ``chunk_size`` tokens (donates ``state``)."""

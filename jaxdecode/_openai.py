@@ -7,9 +7,10 @@ batch mode (``jaxdecode batch``, :mod:`jaxdecode._batch`):
   :class:`~jaxdecode._engine.Request` objects (one per prompt) and the host-side options
   (stop strings, logprobs, streaming); a bad field is an :class:`APIError` naming it, in
   OpenAI's error JSON.
-* :class:`ChoiceText` follows one choice's tokens: incremental detokenization, stop strings
-  (matched on the host, on the decoded text, after each chunk; see :func:`find_stop`), log-
-  probabilities, and the streamed text deltas.
+* :class:`ChoiceText` follows one choice's tokens: incremental detokenization, the text cut
+  at the first stop string (:func:`find_stop`; the engine's loop already ended the row at the
+  token that completed it, from the request's ``stop_table``), log-probabilities, and the
+  streamed text deltas.
 * :func:`completion_body` / :func:`chunk_body` build the responses and stream chunks.
 
 Where the OpenAI API is silent, this follows vLLM's OpenAI-compatible server (its extra
@@ -19,12 +20,16 @@ sampling fields ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import json
 import math
+import threading
 import time
 import uuid
 from typing import Any, Sequence
 
+from . import _structured as C
 from ._engine import Completion, Engine, Request
 from ._settings import SamplingParams
 
@@ -111,21 +116,72 @@ def _int_list(value: Any, name: str) -> list[int]:
     return list(value)
 
 
-def check_response_format(body: dict) -> None:
-    """``response_format``: only ``{"type": "text"}`` for now. (Structured output through
-    ``jaxdecode.json_schema`` constraints is the one place to extend.)"""
+# Built constraints, per (tokenizer, format): a schema's automaton is built once (json_object's
+# takes seconds on a 49k-token vocabulary), then every request with it reuses the tables.
+_CONSTRAINTS: "collections.OrderedDict[tuple, tuple]" = collections.OrderedDict()
+_CONSTRAINTS_LOCK = threading.Lock()
+_CONSTRAINTS_MAX = 64
+
+
+def _cached_constraint(tokenizer: Any, kind: str, spec: str, build) -> Any:
+    key = (id(tokenizer), kind, spec)
+    with _CONSTRAINTS_LOCK:
+        hit = _CONSTRAINTS.get(key)
+        if hit is not None and hit[0] is tokenizer:
+            _CONSTRAINTS.move_to_end(key)
+            return hit[1]
+    c = build()  # outside the lock: a long build must not hold up other requests' look-ups
+    with _CONSTRAINTS_LOCK:
+        _CONSTRAINTS[key] = (tokenizer, c)  # the tokenizer is kept so its id is not reused
+        while len(_CONSTRAINTS) > _CONSTRAINTS_MAX:
+            _CONSTRAINTS.popitem(last=False)
+    return c
+
+
+def response_constraint(body: dict, tokenizer: Any) -> Any:
+    """``response_format`` (OpenAI) as a :class:`jaxdecode.Constraint`, or None for text.
+
+    * ``{"type": "text"}`` (or absent): no constraint.
+    * ``{"type": "json_object"}``: any JSON object (``jaxdecode.json_schema({"type": "object"})``).
+    * ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``:
+      a document valid under ``schema`` (``jaxdecode.json_schema``; a keyword it would not
+      enforce is a 400, never silently ignored).
+
+    The constraint runs inside the engine's decode step (one automaton state per slot).
+
+    Raises:
+      APIError: a malformed ``response_format`` or a schema that cannot be enforced (400,
+        ``param`` "response_format").
+    """
     rf = body.get("response_format")
     if rf is None:
-        return
+        return None
+    name = "response_format"
     if not isinstance(rf, dict) or not isinstance(rf.get("type"), str):
-        raise APIError(f"`response_format` must be an object with a `type`, got {rf!r:.80}.", "response_format")
-    if rf["type"] == "text":
-        return
-    if rf["type"] in ("json_object", "json_schema"):
-        raise APIError(f"`response_format` type {rf['type']!r} is not supported yet by this server "
-                       f"(structured output is not wired in); use type 'text'.", "response_format")
-    raise APIError(f"`response_format.type` must be 'text', 'json_object' or 'json_schema', got {rf['type']!r}.",
-                   "response_format")
+        raise APIError(f"`response_format` must be an object with a `type`, got {rf!r:.80}.", name)
+    kind = rf["type"]
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        schema: Any = {"type": "object"}
+    elif kind == "json_schema":
+        spec = rf.get("json_schema")
+        if not isinstance(spec, dict):
+            raise APIError(f"`response_format.json_schema` must be an object with a `schema`, got {spec!r:.80}.", name)
+        schema = spec.get("schema")
+        if not isinstance(schema, (dict, bool)):
+            raise APIError(f"`response_format.json_schema.schema` must be a JSON schema object, got {schema!r:.80}.",
+                           name)
+    else:
+        raise APIError(f"`response_format.type` must be 'text', 'json_object' or 'json_schema', got {kind!r}.", name)
+    text = json.dumps(schema, sort_keys=True)
+    try:
+        return _cached_constraint(tokenizer, "json_schema", text, lambda: C.json_schema(schema, tokenizer))
+    except (ValueError, TypeError) as e:
+        raise APIError(f"`response_format`: {e}", name) from None
+    except ImportError as e:  # outlines-core missing: the server cannot enforce it
+        raise APIError(f"`response_format` {kind!r} needs structured output on the server: {e}", name,
+                       status=501, type="not_implemented") from None
 
 
 def _sampling(body: dict, engine: Engine) -> SamplingParams:
@@ -258,7 +314,7 @@ def parse(body: Any, kind: str, engine: Engine, tokenizer: Any, model_name: str,
         raise APIError("`suffix` is not supported.", "suffix")
     if body.get("tools") and body.get("tool_choice", "auto") != "none":
         raise APIError("`tools` (function calling) is not supported by this server.", "tools")
-    check_response_format(body)
+    constraint = response_constraint(body, tokenizer)
     n = _number(body, "n", 1, integer=True, low=1, allowed="an integer >= 1")
     if n > engine.slots:
         raise APIError(f"`n` must be <= {engine.slots} (the server's slots), got {n}.", "n")
@@ -327,9 +383,23 @@ def parse(body: Any, kind: str, engine: Engine, tokenizer: Any, model_name: str,
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise APIError(f"`seed` must be an integer, got {seed!r}.", "seed")
     sampling = _sampling(body, engine)
-    requests = [Request(ids, max_tokens, sampling, seed=seed, n=n, top_logprobs=logprobs or 0) for _, ids in prompts]
+    if constraint is not None:
+        eos = set(engine.eos_ids if sampling.eos_id is None else sampling.eos_id)
+        if not set(constraint.eos_ids) <= eos:
+            raise APIError(f"`response_format` needs the tokenizer's EOS ids {sorted(constraint.eos_ids)} to end a "
+                           f"row once its JSON is complete; this request's EOS ids are {sorted(eos)} (drop "
+                           f"`ignore_eos` / `eos_id`).", "response_format")
+    stops = _stop_strings(body)
+    if stops:  # matched in the engine's loop: the row ends at the token completing a stop string
+        sampling = sampling.replace(stop=tuple(stops))
+        try:
+            engine.stop_table(stops)  # built (and cached) here, off the engine thread
+        except (ValueError, TypeError) as e:
+            raise APIError(f"`stop`: {e}", "stop") from None
+    requests = [Request(ids, max_tokens, sampling, seed=seed, n=n, top_logprobs=logprobs or 0, constraint=constraint)
+                for _, ids in prompts]
     return Parsed(kind, model_name if model is None else model, requests, [t for t, _ in prompts],
-                  _stop_strings(body), stream, include_usage, logprobs, echo, n)
+                  stops, stream, include_usage, logprobs, echo, n)
 
 
 def _prompts(prompt: Any, tokenizer: Any) -> list[tuple[str, list[int]]]:
@@ -356,8 +426,8 @@ def _prompts(prompt: Any, tokenizer: Any) -> list[tuple[str, list[int]]]:
 
 def find_stop(text: str, stops: Sequence[str], start: int = 0) -> int:
     """The index in ``text`` where the earliest stop string begins (searching from
-    ``start``), or -1. The one place stop strings are matched: on the host, on the decoded
-    text, at chunk boundaries."""
+    ``start``), or -1: where the host cuts the text. (The row itself is stopped inside the
+    engine's decode step, at the token that completes the stop string.)"""
     best = -1
     for s in stops:
         i = text.find(s, start)

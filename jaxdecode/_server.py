@@ -53,6 +53,8 @@ class ServingState:
     def __init__(self, engine: Engine, tokenizer: Any, model_name: str, *, max_queue: int = 256,
                  warmup: bool = True, served_names: Sequence[str] = ()):
         self.engine, self.tokenizer, self.model_name = engine, tokenizer, model_name
+        if engine.tokenizer is None:  # stop strings are matched in the engine's loop, on this vocabulary
+            engine.tokenizer = tokenizer
         self.served_names = tuple(served_names)
         self.loop = EngineLoop(engine, max_queue=max_queue)
         self.warmup = warmup
@@ -159,6 +161,8 @@ class _Job:
         ct = self.texts[pi][choice]
         comp = handle.choices[choice]
         piece = ct.update(comp)
+        # The engine's loop already ended the row at the stop string; this only guards the
+        # text's cut (a no-op for a finished row).
         if ct.stopped:
             handle.stop_choice(choice)
         done = ct.stopped or comp.finish_reason is not None
@@ -209,7 +213,10 @@ def build_app(state: ServingState):
     async def serve(request, kind: str):
         try:
             body = await _read_json(request)
-            parsed = parse(body, kind, state.engine, state.tokenizer, state.model_name, state.served_names)
+            # In a worker thread: a new response_format schema builds its automaton on the host
+            # (seconds for json_object on a large vocabulary) without stalling other streams.
+            parsed = await asyncio.to_thread(parse, body, kind, state.engine, state.tokenizer, state.model_name,
+                                             state.served_names)
             if not state.ready.is_set():
                 raise APIError("The server is warming up (compiling); retry in a few seconds.", status=503,
                                type="server_not_ready")
@@ -347,7 +354,8 @@ def load_engine(args: argparse.Namespace):
     from ._model import default_eos_ids
 
     eos = default_eos_ids(model) or tuple(tokenizer.eos_ids)  # vLLM: the tokenizer's EOS as fallback
-    engine = Engine(model, slots=args.slots, max_seq_len=max_len, chunk_size=args.chunk_size, eos_ids=eos)
+    engine = Engine(model, slots=args.slots, max_seq_len=max_len, chunk_size=args.chunk_size, eos_ids=eos,
+                    tokenizer=tokenizer)
     name = args.served_model_name
     if name is None:
         name = "SmolLM2-135M-Instruct" if args.model is None else os.path.basename(os.path.normpath(args.model))

@@ -8,6 +8,8 @@ token against :func:`jaxdecode.generate` on the same request: row key
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -233,7 +235,162 @@ def test_engine_layering():
     graph = import_graph()
     front = {"jaxdecode._server", "jaxdecode._openai", "jaxdecode._batch", "jaxdecode._cli"}
     assert graph["jaxdecode._engine"] <= {"jaxdecode._model", "jaxdecode._validate", "jaxdecode._compilation",
-                                          "jaxdecode._processors", "jaxdecode._sampling", "jaxdecode._settings"}
+                                          "jaxdecode._processors", "jaxdecode._sampling", "jaxdecode._settings",
+                                          "jaxdecode._structured", "jaxdecode._stop"}
     for name, deps in graph.items():
         if name not in front and name not in ("jaxdecode", "jaxdecode.__main__"):
             assert not deps & front, (name, deps & front)
+
+
+# ---------------------------------------------------------------------------------------
+# Structured output per slot
+
+# Token i's text for the trigram model's 32 ids (id 0: EOS), enough for small JSON documents.
+JSON_TOKENS = [None, "{", "}", '"', "a", "b", ":", ",", " "] + [str(d) for d in range(10)] + [
+    "true", "false", "null", "[", "]", "x", "y", "ab", '"a"', '"b"', "-", ".", "e"]
+SCHEMAS = [
+    {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99}, "b": {"type": "boolean"}},
+     "required": ["a", "b"]},
+    {"type": "object", "properties": {"b": {"type": "string", "maxLength": 3}}, "required": ["b"]},
+    {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "maxItems": 3},
+]
+CONSTRAINTS = [jaxdecode.json_schema(s, JSON_TOKENS, eos_ids=[0]) for s in SCHEMAS]
+
+
+def _json_of(tokens):
+    """The JSON value of a constrained row's tokens (EOS last, excluded)."""
+    import json
+
+    assert tokens and tokens[-1] == 0, tokens
+    return json.loads("".join(JSON_TOKENS[t] for t in tokens[:-1]))
+
+
+def _constrained(i: int, seed: int, c: int | None, p: int = 3, temperature: float = 1.0) -> Request:
+    sp = jaxdecode.SamplingParams(temperature=temperature, eos_id=[0], top_k=0 if i % 2 else 8)
+    prompt = [(7 * i + j) % V for j in range(p)]
+    return Request(prompt, W - p - 1, sp, seed=seed, constraint=None if c is None else CONSTRAINTS[c])
+
+
+def test_constrained_slots_follow_their_own_schema_and_equal_generate():
+    import jsonschema
+
+    loop = EngineLoop(ENGINE4)
+    reqs = [_constrained(i, seed=i, c=(None if i % 4 == 3 else i % 3)) for i in range(9)]
+    handles = loop.run(reqs)
+    for req, h in zip(reqs, handles):
+        comp = h.choices[0]
+        if req.constraint is None:
+            continue
+        assert comp.finish_reason == "stop", comp  # the bounded schemas end well before the length limit
+        jsonschema.validate(_json_of(comp.tokens), SCHEMAS[CONSTRAINTS.index(req.constraint)])
+        # The same request through generate(constraint=...), with the engine's row key.
+        key = jax.random.fold_in(seed_key(req.seed), 0)[None]
+        out = jaxdecode.generate(TRIGRAM, jnp.asarray([req.prompt]), req.max_new_tokens, key=key,
+                                 sampling=req.sampling, constraint=req.constraint)
+        p, n = len(req.prompt), int(out.num_generated[0])
+        assert comp.tokens == out.tokens[0, p:p + n].tolist()
+    # The unconstrained rows equal generate without a constraint (the mask did not touch them).
+    for req, h in zip(reqs, handles):
+        if req.constraint is None:
+            assert h.choices[0].tokens == _generate(req)[0]
+
+
+def test_constrained_seeded_request_alone_equals_among_15_mixed():
+    target = _constrained(5, seed=1234, c=0)
+    alone = EngineLoop(ENGINE16).run([target])[0].choices[0]
+    loop = EngineLoop(ENGINE16)
+    # A json_object-sized constraint among the others grows the table capacity (1024 states).
+    big = jaxdecode.json_schema({"type": "object"}, JSON_TOKENS, eos_ids=[0])
+    others = [_constrained(i, seed=100 + i, c=(None if i % 3 == 0 else i % 3)) for i in range(14)]
+    others.append(dataclasses.replace(_constrained(20, seed=7, c=None), constraint=big))
+    handles = loop.run(others[:7] + [target] + others[7:])
+    assert loop.state.constraint.table.shape[1] == 1024
+    under = handles[7].choices[0]
+    assert under.tokens == alone.tokens and under.logprobs == alone.logprobs
+    assert under.finish_reason == "stop"
+    big_row = handles[-1].choices[0]
+    if big_row.finish_reason == "stop":  # json_object is unbounded: it may run to the length limit
+        assert isinstance(_json_of(big_row.tokens), dict)
+    else:  # cut by the length limit: still a valid prefix of an object
+        assert big_row.finish_reason == "length"
+        state = 0
+        for t in big_row.tokens:
+            state = big.step(state, t)
+            assert state >= 0, big_row.tokens
+
+
+def test_new_schemas_insert_without_recompiling():
+    engine = _engine(slots=3, chunk=5)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    loop = EngineLoop(engine)
+    loop.run([_constrained(0, seed=0, c=0), _constrained(1, seed=1, c=None)])  # warm-up: one bucket of tables
+    before, programs = len(compiles), engine.compiled_count()
+    extra = [jaxdecode.json_schema({"type": "object", "properties": {"a": {"type": "integer", "minimum": 0,
+                                                                          "maximum": m}}, "required": ["a"]},
+                                   JSON_TOKENS, eos_ids=[0]) for m in (5, 42, 99)]
+    stream = [dataclasses.replace(_constrained(i, seed=i, c=None), constraint=(CONSTRAINTS + extra + [None])[i % 7])
+              for i in range(14)]
+    handles = loop.run(stream)
+    assert len(compiles) == before, f"{len(compiles) - before} new compilations for new schemas"
+    assert engine.compiled_count() == programs
+    for req, h in zip(stream, handles):
+        if req.constraint is not None:
+            assert req.constraint.accepts(h.choices[0].tokens), h.choices[0]
+
+
+def test_constraint_request_checks():
+    with pytest.raises(TypeError, match=r"Engine.prefill: `constraint` must be a jaxdecode.Constraint"):
+        ENGINE4.check(Request([1], 2, constraint="{}"))
+    with pytest.raises(ValueError, match=r"constraint's EOS ids \[0\] are not all among the row's EOS ids \[5\]"):
+        ENGINE4.check(Request([1], 2, jaxdecode.SamplingParams(eos_id=[5]), constraint=CONSTRAINTS[0]))
+    wide = jaxdecode.regex("a+", JSON_TOKENS + ["q"] * 8, eos_ids=[0])
+    with pytest.raises(ValueError, match=r"vocabulary of 40 tokens, larger than the model's 32"):
+        ENGINE4.check(Request([1], 2, jaxdecode.SamplingParams(eos_id=[0]), constraint=wide))
+
+
+# ---------------------------------------------------------------------------------------
+# Stop strings per slot, in the loop
+
+# Token i's text for the 32 ids: single letters and a few multi-letter pieces.
+STOP_TOKENS = [""] + [chr(ord("a") + i) for i in range(26)] + ["ab", "cd", "xyz", "ba", "\n\n"]
+
+
+def test_stop_strings_end_rows_in_the_loop_and_equal_generate():
+    engine = Engine(TRIGRAM, slots=4, max_seq_len=W, chunk_size=4, top_logprobs=3, tokenizer=STOP_TOKENS)
+    reqs = []
+    for i, stops in enumerate([["ab"], ["c", "zz"], ["\n\n", "q"], None, ["dab", "ba"], ["xyz"]]):
+        sp = jaxdecode.SamplingParams(temperature=1.3, eos_id=(), stop=stops)
+        reqs.append(Request([3, 1 + i], 40, sp, seed=50 + i))
+    loop = EngineLoop(engine)
+    handles = loop.run(reqs)
+    for req, h in zip(reqs, handles):
+        comp = h.choices[0]
+        key = jax.random.fold_in(seed_key(req.seed), 0)[None]
+        stops = req.sampling.stop
+        out = jaxdecode.generate(TRIGRAM, jnp.asarray([req.prompt]), req.max_new_tokens, key=key,
+                                 sampling=req.sampling, tokenizer=STOP_TOKENS if stops else None)
+        n = int(out.num_generated[0])
+        assert comp.tokens == out.tokens[0, 2:2 + n].tolist()  # ends at the completing token, not the chunk's end
+        if stops is not None and comp.finish_reason == "stop":
+            text = "".join(STOP_TOKENS[t] for t in comp.tokens)
+            before = "".join(STOP_TOKENS[t] for t in comp.tokens[:-1])
+            # The last token completed a stop string: it is in the text, and was not before it.
+            assert any(s in text for s in stops) and not any(s in before for s in stops), (text, stops)
+    assert any(h.choices[0].finish_reason == "stop" for h in handles[:3])
+
+
+def test_new_stop_lists_insert_without_recompiling():
+    engine = Engine(TRIGRAM, slots=2, max_seq_len=W, chunk_size=3, top_logprobs=3, tokenizer=STOP_TOKENS)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    loop = EngineLoop(engine)
+    sp = jaxdecode.SamplingParams(temperature=1.0, eos_id=())
+    loop.run([Request([1], 5, sp.replace(stop=["ab"]), seed=0)])
+    before, programs = len(compiles), engine.compiled_count()
+    lists = [["a"], ["xyz", "q"], ["hello", "wor", "ld"], ["\n\n"], ["ba", "cd", "e", "ff"]]
+    handles = loop.run([Request([2 + i], 20, sp.replace(stop=s), seed=i) for i, s in enumerate(lists)])
+    assert len(compiles) == before and engine.compiled_count() == programs
+    assert all(c.finish_reason in ("stop", "length") for h in handles for c in h.choices)

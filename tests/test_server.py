@@ -199,7 +199,10 @@ def test_streaming_completion_and_chat_chunks():
     ({"prompt": "a", "stop": [1]}, "stop", "`stop` must be a string or a list of strings"),
     ({"prompt": "a", "seed": 1.5}, "seed", "`seed` must be an integer"),
     ({"prompt": "a", "stream_options": {"include_usage": True}}, "stream_options", "only be set when `stream` is true"),
-    ({"prompt": "a", "response_format": {"type": "json_object"}}, "response_format", "not supported yet"),
+    ({"prompt": "a", "response_format": {"type": "xml"}}, "response_format", "must be 'text', 'json_object' or"),
+    ({"prompt": "a", "response_format": {"type": "json_schema"}}, "response_format", "`response_format.json_schema`"),
+    # The tiny fixture has no "{" token: no JSON object can be written with it.
+    ({"prompt": "a", "response_format": {"type": "json_object"}}, "response_format", "cannot build an automaton"),
     ({"prompt": 5}, "prompt", "`prompt` must be a string"),
     ({"prompt": [70]}, "prompt", "token id 70, outside the vocabulary"),
     ({"prompt": "a", "frequency_penalty": 3}, "frequency_penalty", "in [-2, 2]"),
@@ -413,3 +416,128 @@ def test_cli_batch_and_serve_with_sigterm(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+# ---------------------------------------------------------------------------------------
+# response_format: structured output per request, inside the engine's decode step
+
+
+def _byte_tokenizer() -> Tokenizer:
+    """A byte-level tokenizer of 257 ids (EOS 0, then one token per byte, no merges): every
+    JSON text can be written, unlike with the tiny fixture."""
+    import tokenizers
+    from tokenizers import decoders, models as tok_models, pre_tokenizers
+
+    from jaxdecode._structured import _bytes_to_unicode
+
+    inv = _bytes_to_unicode()
+    vocab = {"<|endoftext|>": 0, **{ch: 1 + inv[ch] for ch in inv}}
+    bpe = tokenizers.Tokenizer(tok_models.BPE(vocab=vocab, merges=[]))
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.add_special_tokens(["<|endoftext|>"])
+    template = "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}assistant:"
+    return Tokenizer(bpe, eos_ids=[0], chat_template=template)
+
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "minLength": 1, "maxLength": 6},
+                                           "age": {"type": "integer", "minimum": 0, "maximum": 120},
+                                           "ok": {"type": "boolean"}},
+          "required": ["name", "age", "ok"]}
+PAIR = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 99}, "minItems": 2, "maxItems": 2}
+
+
+@pytest.mark.slow  # ~15 s: json_object's automaton (1623 states) and a live server
+def test_response_format_json_schema_and_json_object_under_concurrent_load():
+    """A live server on a random bigram model over the byte tokenizer: json_schema and
+    json_object responses parse and validate (jsonschema), mixed with plain ones in flight
+    together; a seeded constrained request is identical alone and among the others; new
+    schemas after the first insert compile nothing."""
+    import concurrent.futures
+
+    import jsonschema
+    import openai
+    import uvicorn
+    from fake_models import Bigram, cached
+
+    tok = _byte_tokenizer()
+    engine = Engine(cached(Bigram.random(tok.vocab_size, seed=5, scale=2.0)), slots=4, max_seq_len=160,
+                    chunk_size=8, top_logprobs=2, eos_ids=tok.eos_ids)
+    state = ServingState(engine, tok, NAME, warmup=False)
+    port = _free_port()
+    server = uvicorn.Server(uvicorn.Config(build_app(state), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    for _ in range(200):
+        if server.started:
+            break
+        time.sleep(0.05)
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0, timeout=120)
+    fmt = lambda schema: {"type": "json_schema", "json_schema": {"name": "x", "schema": schema, "strict": True}}
+
+    def chat(i, response_format=None, seed=None):
+        return client.chat.completions.create(
+            model=NAME, messages=[{"role": "user", "content": f"person {i}"}], max_tokens=120, temperature=1.0,
+            seed=seed if seed is not None else i, response_format=response_format)
+
+    try:
+        target = dict(i=99, response_format=fmt(PERSON), seed=4242)
+        alone = chat(**target).choices[0]
+        assert alone.finish_reason == "stop"
+        jsonschema.validate(json.loads(alone.message.content), PERSON)
+        chat(0, {"type": "json_object"})  # builds json_object's automaton and grows the tables once
+        compiled = engine.compiled_count()
+        jobs = [dict(i=i, response_format=[fmt(PERSON), fmt(PAIR), {"type": "json_object"}, None][i % 4])
+                for i in range(11)]
+        jobs.insert(5, target)
+        with concurrent.futures.ThreadPoolExecutor(8) as pool:
+            outs = list(pool.map(lambda kw: chat(**kw).choices[0], jobs))
+        assert engine.compiled_count() == compiled
+        for kw, out in zip(jobs, outs):
+            rf = kw["response_format"]
+            if rf is None:
+                continue
+            if rf["type"] == "json_object":
+                if out.finish_reason == "stop":  # an unbounded object may hit max_tokens
+                    assert isinstance(json.loads(out.message.content), dict)
+                continue
+            assert out.finish_reason == "stop", out
+            jsonschema.validate(json.loads(out.message.content), rf["json_schema"]["schema"])
+        assert outs[5].message.content == alone.message.content
+        # Completions, streamed: the concatenated deltas are a valid document.
+        text = "".join(ev.choices[0].text for ev in client.completions.create(
+            model=NAME, prompt="{", max_tokens=60, seed=3, stream=True, extra_body={"response_format": fmt(PAIR)})
+            if ev.choices)
+        jsonschema.validate(json.loads(text), PAIR)
+        with pytest.raises(openai.BadRequestError) as e:  # a keyword that would not be enforced
+            client.completions.create(model=NAME, prompt="a", max_tokens=5, extra_body={"response_format": fmt(
+                {"type": "string", "pattern": "a+", "contentEncoding": "base64"})})
+        assert e.value.body["param"] == "response_format" and "contentEncoding" in e.value.body["message"]
+        with pytest.raises(openai.BadRequestError) as e:  # EOS must end a constrained row
+            client.completions.create(model=NAME, prompt="a", max_tokens=5,
+                                      extra_body={"ignore_eos": True, "response_format": {"type": "json_object"}})
+        assert e.value.body["param"] == "response_format"
+    finally:
+        server.should_exit = True
+        thread.join(30)
+
+
+def test_stop_strings_end_the_row_inside_the_chunk():
+    """The stop string "d" completes at the 3rd token of "bcdefgh...": the engine's loop ends
+    the row there (3 tokens generated, not the chunk's 8; one chunk for the request), and the
+    text is cut before it."""
+    engine = Engine(PLUS, slots=2, max_seq_len=128, chunk_size=8, top_logprobs=2, eos_ids=TOK.eos_ids)
+    state = ServingState(engine, TOK, NAME, warmup=False)
+    with TestClient(build_app(state)) as c:
+        chunks = state.loop.stats["chunks"]
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 40, "temperature": 0, "stop": ["zz", "d"]})
+        body = r.json()
+        assert body["choices"][0]["text"] == "bc" and body["choices"][0]["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] == 3
+        assert state.loop.stats["chunks"] - chunks == 1 and state.loop.stats["tokens"] == 3
+        # A stop string spanning tokens ("ef" = "e" + "f") and a second list: no recompilation.
+        programs = engine.compiled_count()
+        r = c.post("/v1/completions", json={"prompt": "a", "max_tokens": 40, "temperature": 0, "stop": "ef"})
+        assert r.json()["choices"][0]["text"] == "bcd" and r.json()["choices"][0]["finish_reason"] == "stop"
+        assert r.json()["usage"]["completion_tokens"] == 5 and state.loop.stats["tokens"] == 8
+        assert engine.compiled_count() == programs
