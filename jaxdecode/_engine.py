@@ -61,7 +61,13 @@ from . import _validate as V
 from ._compilation import bucket
 from ._processors import DecodeContext, apply_frequency_presence_penalty, apply_repetition_penalty
 from ._sampling import SamplingKnobs, draw
-from ._settings import SamplingParams
+from ._settings import SamplingParams, check_supported
+
+# The SamplingParams fields the engine's decode step applies per slot. The issue-13 samplers
+# (top_n_sigma ... begin_suppress_tokens) run in generate() but not here yet: a request that
+# sets one gets a ValueError (a 400 from the server), never a silent default.
+ENGINE_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
+                 "frequency_penalty", "logit_bias", "eos_id", "min_new_tokens", "stop_sequences", "stop")
 
 __all__ = ["Engine", "EngineLoop", "Request", "Prefix", "DecodeState", "SlotConstraints", "SlotStops", "StopTable",
            "stop_table", "ChunkOutput", "RowSettings",
@@ -581,6 +587,7 @@ class Engine:
         if not isinstance(request.sampling, SamplingParams):
             raise TypeError(f"{fn}: `sampling` must be a jaxdecode.SamplingParams, got "
                             f"{type(request.sampling).__name__}.")
+        check_supported(fn, request.sampling, ENGINE_FIELDS, "by the serving engine (yet; jaxdecode.generate has it)")
         c = request.constraint
         if c is not None:
             if not isinstance(c, C.Constraint):

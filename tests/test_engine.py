@@ -394,3 +394,17 @@ def test_new_stop_lists_insert_without_recompiling():
     handles = loop.run([Request([2 + i], 20, sp.replace(stop=s), seed=i) for i, s in enumerate(lists)])
     assert len(compiles) == before and engine.compiled_count() == programs
     assert all(c.finish_reason in ("stop", "length") for h in handles for c in h.choices)
+
+
+def test_issue13_samplers_are_refused_not_ignored():
+    """The slot engine does not apply the newer samplers yet: setting one is an error naming it."""
+    import jaxdecode
+    from jaxdecode._engine import ENGINE_FIELDS, Engine, Request
+    from jaxdecode._settings import FIELDS
+
+    assert set(ENGINE_FIELDS) < set(FIELDS)
+    eng = ENGINE4
+    for knob, value in (("xtc_probability", 0.5), ("dry_multiplier", 0.8), ("mirostat_tau", 5.0),
+                        ("bad_words", [[1, 2]])):
+        with pytest.raises(ValueError, match=f"`{knob}` is not supported by the serving engine"):
+            eng.prefill(Request([1, 2], max_new_tokens=3, sampling=jaxdecode.SamplingParams(**{knob: value})))
