@@ -260,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     g = p.add_argument_group("model")
     g.add_argument("-m", "--model", default=None, metavar="PATH",
-                   help="a .gguf file or a Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
+                   help="a model name (smollm2-135m, gemma-3-270m), a .gguf file or a Hugging Face checkpoint folder (default: the embedded SmolLM2-135M-Instruct)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "int8"],
                    help="weights: float32, bfloat16, or int8 (int8 weights and activations, int32 dots; Llama)")
 

@@ -146,3 +146,19 @@ def test_gguf_metadata_errors():
     with pytest.raises(ValueError, match="unsupported tokenizer model"):
         Tokenizer.from_gguf_metadata({"tokenizer.ggml.model": "bert",
                                       "tokenizer.ggml.tokens": ["a"]})
+
+
+def test_gemma_turn_template_when_a_gemma_vocabulary_ships_none():
+    """A base Gemma GGUF has no chat template: a vocabulary with <start_of_turn> gets Gemma's
+    turn format (system text folded into the first user turn), not ChatML."""
+    meta = _spm_metadata()
+    for t in ("<start_of_turn>", "<end_of_turn>"):
+        meta["tokenizer.ggml.tokens"] = list(meta["tokenizer.ggml.tokens"]) + [t]
+        meta["tokenizer.ggml.token_type"] = list(meta["tokenizer.ggml.token_type"]) + [3]
+        meta["tokenizer.ggml.scores"] = list(meta["tokenizer.ggml.scores"]) + [0.0]
+    tok = Tokenizer.from_gguf_metadata(meta)
+    text = tok.apply_chat_template([{"role": "system", "content": "Be brief."},
+                                    {"role": "user", "content": "hello "},
+                                    {"role": "assistant", "content": "world"}], add_generation_prompt=True)
+    assert text == ("<s><start_of_turn>user\nBe brief.\n\nhello<end_of_turn>\n"
+                    "<start_of_turn>model\nworld<end_of_turn>\n<start_of_turn>model\n")

@@ -15,7 +15,7 @@ import warnings
 from datetime import datetime
 from typing import Any, Iterable, Mapping, Sequence
 
-__all__ = ["Tokenizer", "IncrementalDecoder", "CHATML_TEMPLATE"]
+__all__ = ["Tokenizer", "IncrementalDecoder", "CHATML_TEMPLATE", "GEMMA_TEMPLATE"]
 
 # ChatML, used when the model ships no chat template.
 CHATML_TEMPLATE = (
@@ -23,6 +23,18 @@ CHATML_TEMPLATE = (
     "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+# Gemma's turn format (its instruction-tuned models' template, system text folded into the first
+# user turn), used when a vocabulary with <start_of_turn> ships no template (the base GGUFs).
+GEMMA_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% set sys = messages[0]['content'] + '\n\n' if messages and messages[0]['role'] == 'system' else '' %}"
+    "{% for message in messages if message['role'] != 'system' %}"
+    "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else message['role']) + '\n' }}"
+    "{{ (sys if loop.first else '') + message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
 )
 
 # Pre-tokenizer regexes, by the name llama.cpp's converter stores in ``tokenizer.ggml.pre``.
@@ -182,7 +194,8 @@ class Tokenizer:
             env.filters["tojson"] = tojson
             env.globals["raise_exception"] = raise_exception
             env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-            self._compiled_template = env.from_string(self.chat_template or CHATML_TEMPLATE)
+            fallback = GEMMA_TEMPLATE if self.backend.token_to_id("<start_of_turn>") is not None else CHATML_TEMPLATE
+            self._compiled_template = env.from_string(self.chat_template or fallback)
         return self._compiled_template
 
     # ------------------------------------------------------------------ constructors
