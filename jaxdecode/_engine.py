@@ -60,6 +60,7 @@ from . import _structured as C
 from . import _validate as V
 from ._compilation import bucket
 from ._processors import DecodeContext, apply_frequency_presence_penalty, apply_repetition_penalty
+from ._processors import stop_sequence_match
 from ._sampling import SamplingKnobs, draw
 from ._settings import SamplingParams, check_supported
 
@@ -340,19 +341,6 @@ class _Config(NamedTuple):
 # Compiled pieces
 
 
-def _stop_match(tokens, lengths, generated, seqs, seq_lens):
-    """bool[R]: the row's generated tokens end with one of its own stop sequences.
-
-    ``seqs`` int32[R, S, M] right-aligned, ``seq_lens`` int32[R, S] (0: an unused entry)."""
-    m = seqs.shape[-1]
-    pos = lengths[:, None] - m + jnp.arange(m, dtype=jnp.int32)[None, :]
-    tail = jnp.take_along_axis(tokens, jnp.clip(pos, 0, tokens.shape[1] - 1), axis=1)  # [R, M]
-    used = jnp.arange(m, dtype=jnp.int32)[None, None, :] >= (m - seq_lens)[:, :, None]  # [R, S, M]
-    eq = (tail[:, None, :] == seqs) | ~used
-    ok = (seq_lens > 0) & (generated[:, None] >= seq_lens)
-    return jnp.any(jnp.all(eq, axis=-1) & ok, axis=-1)
-
-
 def _process_logits(vocab: int, rows: RowSettings, raw, ctx: DecodeContext):
     """Penalties, bias and the EOS ban before ``min_new_tokens``, per row, in vLLM's order
     (the same operations as :func:`jaxdecode.generate`'s step)."""
@@ -411,7 +399,7 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
     ids, lp, raw_lp, top_ids, top_lp, cons = lax.cond(jnp.any(active), sample, no_sample, state.constraint)
     ctx = ctx.advance(ids, active)
     hit = jnp.any(ids[:, None] == rows.eos_ids, axis=-1)
-    hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, rows.stop_seqs, rows.stop_lens)
+    hit |= stop_sequence_match(ctx.tokens, ctx.lengths, ctx.step, rows.stop_seqs, rows.stop_lens)
     st = state.stops
     r = jnp.arange(s)
     nxt = st.table[r, jnp.maximum(st.state, 0), st.class_of[r, ids]]

@@ -50,7 +50,7 @@ from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
 from ._processors import DecodeContext, LogitsProcessor, apply_frequency_presence_penalty, apply_repetition_penalty
-from ._processors import apply_rules, penalty_history, rules_active
+from ._processors import apply_rules, penalty_history, rules_active, stop_sequence_match
 from ._processors import chain as _chain
 from ._sampling import draw, draw_extended, extended_rows
 from ._settings import UNSET, SamplingParams
@@ -250,16 +250,6 @@ def _processor(cfg: _Config) -> LogitsProcessor:
     return procs[0] if len(procs) == 1 else _chain(*procs)
 
 
-def _stop_match(tokens, lengths, generated, seqs, seq_lens):
-    """bool[B]: the row's last generated tokens equal one of the (right-aligned) stop sequences."""
-    m = seqs.shape[1]
-    pos = lengths[:, None] - m + jnp.arange(m, dtype=jnp.int32)[None, :]
-    tail = jnp.take_along_axis(tokens, jnp.clip(pos, 0, tokens.shape[1] - 1), axis=1)  # [B, M]
-    used = jnp.arange(m, dtype=jnp.int32)[None, :] >= (m - seq_lens)[:, None]  # [S, M]
-    eq = (tail[:, None, :] == seqs[None]) | ~used[None]  # [B, S, M]
-    return jnp.any(jnp.all(eq, axis=-1) & (generated[:, None] >= seq_lens[None, :]), axis=-1)
-
-
 def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeContext, proc_state,
                     full: bool = True):
     """Penalties (over the last ``penalty_last_n`` tokens), bias, the history rules (DRY,
@@ -341,7 +331,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
     if sp.eos_ids is not None:
         hit |= jnp.any(ids[:, None] == sp.eos_ids[None, :], axis=-1)
     if sp.stop_seqs is not None:
-        hit |= _stop_match(ctx.tokens, ctx.lengths, ctx.step, sp.stop_seqs, sp.stop_lens)
+        hit |= stop_sequence_match(ctx.tokens, ctx.lengths, ctx.step, sp.stop_seqs, sp.stop_lens)
     stop_state = state.stop_state
     if tr.stop_table is not None:
         stop_state = _stop.advance(tr.stop_table, stop_state, ids, active)

@@ -572,3 +572,21 @@ def dry_sequence_breakers(tokenizer: Any, strings: Sequence[str] = LLAMA_CPP_DRY
             raise ValueError(f"jaxdecode.dry_sequence_breakers: {text!r} encodes to no tokens.")
         out.append(ids)
     return out
+
+
+def stop_sequence_match(tokens, lengths, generated, seqs, seq_lens):
+    """bool[B]: each row's generated tokens end with one of its stop sequences.
+
+    ``tokens`` int32[B, L] and ``lengths`` [B] as in :class:`DecodeContext`, ``generated`` [B]
+    the tokens generated so far; ``seqs`` int32[S, M] (shared) or [B, S, M] (per row),
+    right-aligned, with ``seq_lens`` [S] or [B, S] (0: an unused entry). A sequence only
+    matches once the row has generated at least its length (never across into the prompt)."""
+    b, m = tokens.shape[0], seqs.shape[-1]
+    seqs = jnp.broadcast_to(seqs, (b,) + seqs.shape[-2:])
+    seq_lens = jnp.broadcast_to(seq_lens, (b, seqs.shape[1]))
+    pos = lengths[:, None] - m + jnp.arange(m, dtype=jnp.int32)[None, :]
+    tail = jnp.take_along_axis(tokens, jnp.clip(pos, 0, tokens.shape[1] - 1), axis=1)  # [B, M]
+    used = jnp.arange(m, dtype=jnp.int32)[None, None, :] >= (m - seq_lens)[:, :, None]  # [B, S, M]
+    eq = (tail[:, None, :] == seqs) | ~used
+    ok = (seq_lens > 0) & (generated[:, None] >= seq_lens)
+    return jnp.any(jnp.all(eq, axis=-1) & ok, axis=-1)

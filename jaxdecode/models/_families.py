@@ -334,15 +334,10 @@ def gpt2_config(vocab_size: int = 50257, max_seq_len: int = 1024, dim: int = 768
       >>> cfg.family, cfg.norm, cfg.positions, cfg.hidden_dim
       ('gpt2', 'layer', 'learned', 128)
     """
-    gpt2 = family_for_gpt2()
-    return finish_config(gpt2, dict(vocab_size=vocab_size, max_seq_len=max_seq_len, dim=dim,
+    return finish_config(family_for_hf("gpt2"), dict(vocab_size=vocab_size, max_seq_len=max_seq_len, dim=dim,
                                     n_layers=n_layers, n_heads=n_heads, norm_eps=norm_eps,
                                     tie_embeddings=tie_embeddings, hidden_dim=mlp_dim or 4 * dim,
                                     activation=activation))
-
-
-def family_for_gpt2() -> Family:
-    return family_for_hf("gpt2")
 
 
 _BOOK_NAMES = {

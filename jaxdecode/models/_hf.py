@@ -232,28 +232,18 @@ def _load_family(folder: Path, cfg: dict, family, dtype, stack: ExitStack):
     t = _Tensors(folder, family.hf_prefix, stack)
     shapes = param_shapes(dc)
 
-    def read(key, shape):
+    def read(key, shape, i=None):  # one tensor, in jaxdecode's [in, out] layout
         name, kind = family.hf_names[key]
         stored = tuple(shape[::-1]) if kind == "linear" else tuple(shape)
-        a = t.get(name, stored, dtype)
+        a = t.get(name if i is None else name.format(i=i), stored, dtype)
         return np.ascontiguousarray(a.T) if kind == "linear" else a
 
-    params: dict = {}
-    for key, shape in shapes.items():
-        if key == "layers":
-            continue
-        params[key] = read(key, shape)
+    params: dict = {key: read(key, shape) for key, shape in shapes.items() if key != "layers"}
     layers = {}
     for key, shape in shapes["layers"].items():
-        first = None
+        layers[key] = np.empty(shape, dtype)
         for i in range(dc.n_layers):
-            name, kind = family.hf_names[key]
-            stored = tuple(shape[1:][::-1]) if kind == "linear" else tuple(shape[1:])
-            a = t.get(name.format(i=i), stored, dtype)
-            if first is None:
-                first = np.empty(shape, dtype)
-            first[i] = a.T if kind == "linear" else a
-        layers[key] = first
+            layers[key][i] = read(key, shape[1:], i)
     params["layers"] = layers
     return Decoder.from_params(params, dc)
 
