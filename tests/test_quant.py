@@ -38,6 +38,8 @@ def emulate_qlinear(x, w: QuantizedWeight):
     qx = np.clip(np.round(xs / sx), -127, 127).astype(np.int64)
     acc = qx @ np.asarray(w.q, np.int64).T
     y = acc.astype(np.float32) * sx * np.asarray(w.scale)
+    if w.keep_idx is not None:  # the kept channels: float32, unsmoothed
+        y = y + x.reshape(-1, x.shape[-1])[:, np.asarray(w.keep_idx)] @ np.asarray(w.keep_w)
     return y.reshape(*x.shape[:-1], -1)
 
 
@@ -82,6 +84,48 @@ def test_qlinear_is_the_integer_arithmetic():
     smoothed = np.abs(emulate_qlinear(x, quantize_int8(w, smooth=smoothing(np.abs(x).max((0, 1)), w)))
                       - exact).mean()
     assert smoothed < 0.7 * plain
+
+
+def test_kept_channels_leave_the_int8_path():
+    """LLM.int8()'s outlier split: the kept input channels are multiplied in float32, exactly
+    (their weight rows are stored unquantized), and the rest no longer share a scale with them."""
+    rng = np.random.default_rng(4)
+    w = rng.normal(0, 0.05, (48, 40)).astype(np.float32)
+    x = rng.normal(size=(6, 48)).astype(np.float32)
+    x[:, [7, 30]] *= 60.0  # two outlier channels
+    absmax = np.abs(x).max(0)
+    keep = np.argsort(-absmax)[:2]
+    assert sorted(keep.tolist()) == [7, 30]
+    s = smoothing(absmax, w)
+    qk = quantize_int8(w, smooth=s, keep=keep)
+    assert qk.keep_w.shape == (2, 40) and qk.keep_w.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(qk.keep_w), w[keep])  # stored exactly
+    assert np.all(np.asarray(qk.q)[:, keep] == 0) and np.all(np.asarray(qk.inv)[keep] == 0)
+    back = np.asarray(dequantize(qk))
+    np.testing.assert_array_equal(back[keep], w[keep])
+    for xs in (x[:1], x):  # one row (padded inside) and many: the NumPy emulation
+        np.testing.assert_allclose(np.asarray(linear(jnp.asarray(xs), qk)), emulate_qlinear(xs, qk),
+                                   rtol=2e-5, atol=2e-5)
+    exact = x @ w
+    err_keep = np.abs(emulate_qlinear(x, qk) - exact).mean()
+    err_smooth = np.abs(emulate_qlinear(x, quantize_int8(w, smooth=s)) - exact).mean()
+    assert err_keep < 0.5 * err_smooth
+
+
+def test_quantize_keep_channels_argument():
+    m32 = tiny(True)
+    tokens = jnp.asarray(np.random.default_rng(5).integers(0, 64, (2, 12)), jnp.int32)
+    m8 = m32.quantize("int8", calibration=tokens, keep_channels=3)
+    wq = m8.params["layers"].layers[0]["wq"]
+    assert wq.keep_idx.shape == (3,) and wq.keep_w.shape == (3, 32)
+    off = m32.quantize("int8", calibration=tokens, keep_channels=0)
+    assert off.params["layers"].layers[0]["wq"].keep_idx is None
+    assert m32.quantize("int8").params["layers"].layers[0]["wq"].keep_idx is None  # no calibration
+    ref = np.asarray(m32(tokens))
+    assert np.abs(np.asarray(m8(tokens)) - ref).mean() < np.abs(np.asarray(off(tokens)) - ref).mean()
+    for bad in (-1, 2.5, True, "8"):
+        with pytest.raises(ValueError, match="keep_channels"):
+            m32.quantize("int8", calibration=tokens, keep_channels=bad)
 
 
 @pytest.mark.parametrize("tie", [True, False])

@@ -8,7 +8,7 @@ RMSNorm statistics, attention scores and the softmax are float32.
 from __future__ import annotations
 
 import math
-from typing import Mapping, NamedTuple
+from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -70,11 +70,18 @@ class QuantizedWeight(NamedTuple):
     weight (SmoothQuant: ``s = max|x|^0.5 / max|w|^0.5`` per input channel, from calibration
     text) flattens them before quantization (0.39, and the greedy argmax agrees as often as
     weight-only int8 does).
+
+    ``keep_idx: int32[k]`` and ``keep_w: float32[k, out]`` (both None when unused): input
+    channels taken out of the int8 product (their ``q`` columns are zero and ``inv`` is 0)
+    and multiplied in float32 instead (LLM.int8()'s outlier split): the few largest channels
+    no longer set every token's int8 scale.
     """
 
     q: jax.Array
     scale: jax.Array
     inv: jax.Array
+    keep_idx: Any = None
+    keep_w: Any = None
 
     @property
     def dtype(self):  # the compute dtype of a layer using it (activations stay float32)
@@ -97,9 +104,10 @@ def smoothing(act_absmax, w, *, transposed: bool = False, alpha: float = 0.5):
     return jnp.clip(s, 1e-5, 1e5)
 
 
-def quantize_int8(w, *, transposed: bool = False, smooth=None) -> QuantizedWeight:
+def quantize_int8(w, *, transposed: bool = False, smooth=None, keep=None) -> QuantizedWeight:
     """Symmetric per-output-channel int8 quantization of ``w: [in, out]`` (or of ``w: [out, in]``
     with ``transposed=True``, e.g. an embedding table used as a tied output head).
+    ``keep`` (int indices into ``in``) moves those input channels to a float32 side matrix.
 
     With ``smooth`` (``s: [in]``, see :func:`smoothing`) the quantized matrix is ``diag(s) w``
     and ``inv = 1 / s`` undoes it on the activations. ``scale = max|w'| / 127`` per output
@@ -108,16 +116,27 @@ def quantize_int8(w, *, transposed: bool = False, smooth=None) -> QuantizedWeigh
     wt = jnp.asarray(w, jnp.float32)
     wt = wt if transposed else jnp.swapaxes(wt, -1, -2)  # [out, in]
     s = jnp.ones(wt.shape[-1], jnp.float32) if smooth is None else jnp.asarray(smooth, jnp.float32)
+    keep_w = None
+    if keep is not None:
+        keep = jnp.asarray(keep, jnp.int32)
+        keep_w = jnp.swapaxes(wt[..., keep], -1, -2)  # float32[k, out], unsmoothed
+        wt = wt.at[..., keep].set(0.0)
+        s = s.at[keep].set(1.0)
     wt = wt * s
     amax = jnp.max(jnp.abs(wt), axis=-1)
     scale = jnp.where(amax > 0, amax / 127.0, 1.0).astype(jnp.float32)
     q = jnp.clip(jnp.round(wt / scale[..., None]), -127, 127).astype(jnp.int8)
-    return QuantizedWeight(q, scale, (1.0 / s).astype(jnp.float32))
+    inv = (1.0 / s).astype(jnp.float32)
+    if keep is not None:
+        inv = inv.at[keep].set(0.0)  # the kept channels leave the int8 path
+    return QuantizedWeight(q, scale, inv, keep, keep_w)
 
 
 def dequantize(w: QuantizedWeight, *, transposed: bool = False):
     """The float32 ``[in, out]`` matrix of ``w`` (``[out, in]`` with ``transposed=True``)."""
     wt = w.q.astype(jnp.float32) * w.scale[..., None] * w.inv[..., None, :]
+    if w.keep_idx is not None:
+        wt = wt.at[..., w.keep_idx].set(jnp.swapaxes(w.keep_w, -1, -2))
     return wt if transposed else jnp.swapaxes(wt, -1, -2)
 
 
@@ -136,7 +155,8 @@ def qlinear(x, w: QuantizedWeight):
     multiplied int8 x int8 with int32 accumulation, then rescaled by both scales. XLA:CPU runs
     an int8 dot on its library kernels only when both operands have at least 2 rows, so a
     single row (decoding at batch 1) is padded with a zero row; that is 1.8x faster than the
-    float32 dot because a quarter of the bytes are read."""
+    float32 dot because a quarter of the bytes are read. Kept channels (``w.keep_idx``) add
+    a float32 ``x[:, keep] @ keep_w``."""
     lead, n_in = x.shape[:-1], x.shape[-1]
     xf = x.astype(jnp.float32).reshape(-1, n_in) * w.inv
     m = xf.shape[0]
@@ -145,6 +165,9 @@ def qlinear(x, w: QuantizedWeight):
     qx, sx = quantize_rows(xf)
     acc = jax.lax.dot_general(qx, w.q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
     y = acc[:m].astype(jnp.float32) * sx[:m] * w.scale
+    if w.keep_idx is not None:
+        xk = jnp.take(x.astype(jnp.float32).reshape(-1, n_in), w.keep_idx, axis=1)
+        y = y + jnp.dot(xk, w.keep_w)
     return y.reshape(*lead, -1)
 
 
