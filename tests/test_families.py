@@ -12,6 +12,7 @@ protocol. The same weights written as GGUF (llama.cpp's tensor names and layouts
 same logits.
 """
 
+import dataclasses
 import os
 
 import gguf
@@ -72,10 +73,18 @@ SWITCHES = {
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_config_switches(family, models):
-    cfg = models[family].config
+    raw = load(_folder(family), fuse=False)[0]
+    cfg = raw.config
     assert cfg.family == ("llama" if family == "mistral" else family)
     for k, v in SWITCHES[family].items():
         assert getattr(cfg, k) == v, (k, getattr(cfg, k), v)
+    # load() fuses q|k|v and gate|up: only those two switches differ, and the function is the same
+    fused = models[family]
+    assert fused.config.fused_qkv and fused.config.fused_gate_up == cfg.gated_mlp
+    assert dataclasses.replace(fused.config, fused_qkv=cfg.fused_qkv, fused_gate_up=cfg.fused_gate_up) == cfg
+    tokens = REF[family]["tokens"]
+    np.testing.assert_allclose(np.asarray(fused(tokens)), np.asarray(raw(tokens)), atol=2e-5, rtol=1e-5)
+    assert fused.fuse() is fused
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -202,7 +211,7 @@ def _write_gguf(path, m):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gguf_of_the_same_weights_matches_transformers(family, models, tmp_path):
     path = tmp_path / f"{family}.gguf"
-    _write_gguf(path, models[family])
+    _write_gguf(path, load(_folder(family), fuse=False)[0])  # (the file's separate matrices)
     g, _ = load_gguf(path, with_tokenizer=False)
     assert g.config.family == models[family].config.family
     np.testing.assert_allclose(np.asarray(g(REF[family]["tokens"])), REF[family]["logits"], atol=1e-4, rtol=1e-5)

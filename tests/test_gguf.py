@@ -59,8 +59,10 @@ def test_default_model_config(default_model):
     assert cfg.bos_id == tok.bos_id == 1
     assert 2 in cfg.eos_ids and 2 in tok.eos_ids  # <|im_end|>
     assert model.dtype == jnp.float32
-    assert model.params["layers"]["wq"].shape == (30, 576, 576)
-    assert model.params["layers"]["wk"].shape == (30, 576, 192)
+    # load() fuses q|k|v and gate|up (Decoder.fuse); fuse=False keeps the file's matrices
+    assert cfg.fused_qkv and cfg.fused_gate_up
+    assert model.params["layers"]["wqkv"].shape == (30, 576, 576 + 2 * 192)
+    assert model.params["layers"]["w_gate_up"].shape == (30, 576, 2 * 1536)
     assert model.params["layers"]["w_down"].shape == (30, 1536, 576)
     assert model.params["embed"].shape == (49152, 576)
     assert default_model_path().endswith(".gguf")

@@ -100,7 +100,7 @@ def _quantize(model, tok):
     return model.quantize("int8", calibration=[tok.encode(CALIBRATION_TEXT)])
 
 
-def load(name_or_path=None, *, dtype=jnp.float32):
+def load(name_or_path=None, *, dtype=jnp.float32, fuse: bool = True):
     """Loads a model and its tokenizer: ``(model, tokenizer)``.
 
     ``name_or_path``:
@@ -119,27 +119,36 @@ def load(name_or_path=None, *, dtype=jnp.float32):
     :data:`CALIBRATION_TEXT`: every matrix int8 with one float32 scale per output channel, and
     each matmul's input activations quantized to int8 per token inside the computation
     (int8 x int8 -> int32 dots); attention, the KV cache and logits stay float32.
+
+    ``fuse``: store q|k|v and gate|up as one matrix each (:meth:`Decoder.fuse`: the same
+    model, about 10% faster float32 decoding and 20% faster int8 on SmolLM2); False keeps the
+    checkpoint's separate matrices (``wq``, ``wk``, ...).
     """
+    if not isinstance(fuse, bool):
+        raise TypeError(f"load: `fuse` must be True or False, got {fuse!r}")
     name = _named(name_or_path)
     int8 = isinstance(dtype, str) and dtype.strip().lower() == "int8"
     dt_name = "int8" if int8 else jnp.dtype(parse_dtype(dtype)).name
     if name is None:
-        if int8:
-            model, tok = _load_path(name_or_path, jnp.float32)
-            return _quantize(model, tok), tok
-        return _load_path(name_or_path, parse_dtype(dtype))
+        model, tok = _load_path(name_or_path, jnp.float32 if int8 else parse_dtype(dtype))
+        model = _fused(model, fuse)
+        return (_quantize(model, tok) if int8 else model), tok
     with _cache_lock:
-        key = (name, dt_name)
+        key = (name, dt_name, fuse)
         if key not in _default_cache:
             if int8:
-                model, tok = load(name, dtype=jnp.float32) if (name, "float32") not in _default_cache \
-                    else _default_cache[(name, "float32")]
+                model, tok = load(name, dtype=jnp.float32, fuse=fuse)
                 _default_cache[key] = (_quantize(model, tok), tok)
             else:
                 from ._gguf import load_gguf
 
-                _default_cache[key] = load_gguf(NAMED_MODELS[name][0](), dtype=parse_dtype(dtype))
+                model, tok = load_gguf(NAMED_MODELS[name][0](), dtype=parse_dtype(dtype))
+                _default_cache[key] = (_fused(model, fuse), tok)
         return _default_cache[key]
+
+
+def _fused(model, fuse: bool):
+    return model.fuse() if fuse and callable(getattr(model, "fuse", None)) else model
 
 
 def _named(name_or_path):
