@@ -268,19 +268,24 @@ def attention(q, k, v, mask, scale=None, softcap=None):
     B, T, H, hd = q.shape
     KV, S = k.shape[1], k.shape[2]
     G = H // KV
-    # float32 operands: XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for some of these
-    # batched shapes (it fails at run time), and attention is a small share of the work.
-    qg = q.reshape(B, T, KV, G, hd).astype(jnp.float32)
-    scores = jnp.einsum("btkgd,bksd->bkgts", qg, k.astype(jnp.float32))
-    scores = scores * (1.0 / math.sqrt(hd) if scale is None else scale)
+    scale = 1.0 / math.sqrt(hd) if scale is None else scale
+    # One dot batched over the B * KV (row, kv head) pairs, the G query heads of a kv head as
+    # extra rows, and the softmax normalised after the value product: at batch 8 this ran 3.5x
+    # faster on XLA:CPU than the einsum form (SmolLM2, 128 cache slots). float32 operands:
+    # XLA:CPU has no bfloat16 x bfloat16 -> float32 kernel for some of these batched shapes.
+    qg = (q.astype(jnp.float32) * scale).reshape(B, T, KV, G, hd)
+    qg = jnp.swapaxes(qg, 1, 2).reshape(B * KV, T * G, hd)  # (a free reshape at T = 1)
+    kk = k.astype(jnp.float32).reshape(B * KV, S, hd)
+    vv = v.astype(jnp.float32).reshape(B * KV, S, hd)
+    batch = ((0,), (0,))
+    scores = jax.lax.dot_general(qg, kk, (((2,), (2,)), batch))  # [B * KV, T * G, S]
     if softcap is not None:
         scores = softcap * jnp.tanh(scores / softcap)
-    m = jnp.broadcast_to(mask, (B, T, S))[:, None, None, :, :]
-    scores = jnp.where(m, scores, -jnp.inf)
-    scores = scores - jnp.max(scores, axis=-1, keepdims=True)
-    p = jnp.exp(scores)
-    p = p / jnp.sum(p, axis=-1, keepdims=True)
-    out = jnp.einsum("bkgts,bksd->btkgd", p, v.astype(jnp.float32))
+    m = jnp.broadcast_to(jnp.broadcast_to(mask, (B, T, S))[:, None, :, None, :], (B, KV, T, G, S))
+    scores = jnp.where(m.reshape(B * KV, T * G, S), scores, -jnp.inf)
+    p = jnp.exp(scores - jnp.max(scores, axis=-1, keepdims=True))
+    out = jax.lax.dot_general(p, vv, (((2,), (1,)), batch)) / jnp.sum(p, axis=-1, keepdims=True)
+    out = jnp.swapaxes(out.reshape(B, KV, T, G, hd), 1, 2)  # [B, T, KV, G, hd]
     return out.reshape(B, T, H * hd).astype(q.dtype)
 
 
