@@ -792,7 +792,7 @@ def _chat(model, tok, args, sampling, status: Status) -> int:
         except ValueError as e:  # e.g. the conversation outgrew the context
             status.clear()
             history.pop()
-            hint = "; --ctx-size sets the context" if session is not None else ""
+            hint = "; --ctx-size sets the context" if session is not None and "max_seq_len" in str(e) else ""
             print(f"jaxdecode: {e} (/reset starts over{hint})", file=sys.stderr)
             continue
         history.append({"role": "assistant", "content": run.completions[0]["text"]})

@@ -4,7 +4,9 @@ The shape is JetStream's: a fixed number of **slots** (rows of one KV cache and 
 buffer), and three compiled functions:
 
 * :meth:`Engine.prefill` runs one request's prompt (batch 1, its length padded to a bucket of
-  ``16 * 2**k`` tokens) into a fresh cache row: a :class:`Prefix`.
+  ``16 * 2**k`` tokens) into a fresh cache row: a :class:`Prefix`. With ``reuse=(state,
+  slot)`` it continues that slot's cache instead (llama.cpp's ``cache_prompt``): only the
+  prompt tokens past the longest common prefix with the slot's history run (a chat's next turn).
 * :meth:`Engine.insert` writes a prefix's cache row, token history and the request's
   per-row settings (every :class:`jaxdecode.SamplingParams` field, its key, its
   ``max_new_tokens``) into one free slot of the :class:`DecodeState`.
@@ -800,8 +802,9 @@ class Engine:
                                            np.int32(run.size - 1), buffer, np.array([p], np.int32), self._pad)
         stops = request.sampling.stop
         table = self.stop_table(stops) if stops else None
+        # As prefill's Prefix (keep the two in step), plus how much came from the cache.
         return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs, request.constraint, table,
-                      reused)
+                      reused=reused)
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int, choice: int = 0) -> DecodeState:
         """Writes choice ``choice`` of a prefilled request into ``slot`` (donates ``state``)."""
