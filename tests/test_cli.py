@@ -400,6 +400,27 @@ def test_chat_ctrl_c_mid_answer_keeps_history_and_cache_consistent(chat_model, c
     assert (reused == 0) if donated else (reused > 0), last
 
 
+def test_chat_stop_strings_cut_each_answer_as_the_library(chat_model, capsys, monkeypatch):
+    model, tok = _load(chat_model)
+    u1, u2 = {"role": "user", "content": "hi"}, {"role": "user", "content": "hello"}
+    _, gen1, a1 = _greedy_answer(model, tok, [u1], n=6)
+    stop = tok.decode(gen1[2:3], skip_special_tokens=True)  # the third token's text
+    assert stop.strip(), (gen1, a1)
+
+    def answer(history):
+        ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
+        out = jaxdecode.generate(model, jnp.array([ids]), 6, temperature=0.0, eos_id=tok.eos_ids, stop=[stop],
+                                 tokenizer=tok)
+        return jaxdecode.completions(out, tok, stop=[stop], max_new_tokens=6)[0].text
+
+    b1 = answer([u1])
+    b2 = answer([u1, {"role": "assistant", "content": b1}, u2])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello\n"))
+    code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "6", "--stop", stop)
+    assert code == 0 and b1 == a1[: a1.index(stop)]
+    assert out.split("\n")[:2] == [b1, b2] and "(0 reused)" not in err.splitlines()[-1]
+
+
 def test_chat_context_size_and_engine_fallbacks(chat_model, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello there hello there\nbye\n"))
     code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "4", "-q", "--ctx-size", "20")
