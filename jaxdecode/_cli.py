@@ -76,6 +76,11 @@ CLI_DEFAULTS: dict[str, Any] = {"temperature": 0.0}
 
 _FLAG_PREFIX = "sp_"  # argparse dest of a SamplingParams field
 
+# The interactive chat's KV cache when neither --ctx-size nor a smaller model context says
+# otherwise: llama-cli's long-standing default, so a 32k-context model does not allocate a
+# 32k-position cache for a short chat.
+CHAT_CTX_DEFAULT = 4096
+
 
 class UsageError(Exception):
     """A mistake in the command line: one line on stderr, exit code 2."""
@@ -290,6 +295,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="the interactive chat even when stdin is not a terminal (implies --chat)")
     g.add_argument("--system", "-sys", "--system-prompt", dest="system", default=None, metavar="TEXT",
                    help="system message (needs --chat)")
+    g.add_argument("-c", "--ctx-size", dest="ctx_size", type=int, default=None, metavar="N",
+                   help=f"interactive chat: positions of the KV cache kept between turns (prompt + answers; "
+                        f"default: the model's context, at most {CHAT_CTX_DEFAULT})")
 
     _add_structured_flags(p)
 
@@ -630,11 +638,124 @@ def _read_prompt(args) -> str | None:
     return sys.stdin.read().rstrip("\n")
 
 
+class _ChatSession:
+    """The interactive chat on a one-slot :class:`jaxdecode._engine.Engine` kept between
+    turns: each turn prefills only the prompt tokens the slot's KV cache lacks (the longest
+    common prefix with what it holds is reused, as llama.cpp's server's ``cache_prompt``), then
+    streams the answer chunk by chunk.
+
+    Args:
+      model, tok: the model and its tokenizer.
+      args: the parsed flags (``ctx_size``, ``chunk_size``, ``max_new_tokens``, ``seed``,
+        ``keep_stop``, ``constraint``).
+      sampling: the checked :class:`jaxdecode.SamplingParams` (its ``eos_id`` set).
+    """
+
+    def __init__(self, model, tok, args, sampling):
+        from jaxdecode import _model
+        from jaxdecode._engine import Engine
+
+        limit = _model.context_limit(model)
+        ctx = args.ctx_size if args.ctx_size is not None else min(limit or CHAT_CTX_DEFAULT, CHAT_CTX_DEFAULT)
+        stops = sampling.stop_sequences or ()
+        try:
+            self.engine = Engine(model, slots=1, max_seq_len=ctx, chunk_size=args.chunk_size, top_logprobs=0,
+                                 max_eos_ids=max(8, len(sampling.eos_id or ())),
+                                 max_stop_sequences=max(8, len(stops)),
+                                 max_stop_len=max([16] + [len(x) for x in stops]), tokenizer=tok)
+        except ValueError as e:  # --ctx-size beyond the model's context, or below 2
+            raise UsageError(f"--ctx-size: {e}") from None
+        self.model, self.tok, self.args, self.sampling = model, tok, args, sampling
+        self.state = self.engine.init_state()
+        self.turns = 0
+
+    def reset(self) -> None:
+        """Forgets the slot's cache (``/reset``)."""
+        self.state = self.engine.init_state()
+
+    def recover(self) -> None:
+        """After Ctrl-C: the slot keeps what it holds (a partial answer, which the next turn's
+        common prefix excludes where it differs from the history), unless the interrupt came
+        between a call that donates the state and its return: then the buffers are gone and
+        the slot starts empty."""
+        import jax
+
+        if any(getattr(x, "is_deleted", lambda: False)() for x in jax.tree.leaves(self.state)):
+            self.reset()
+
+    def answer(self, ids: list[int], status: Status) -> tuple[_Run, int]:
+        """One streamed answer to the prompt ``ids``: (the run, prompt tokens reused)."""
+        import jax
+
+        from jaxdecode import _stop
+        from jaxdecode._engine import RUNNING, Request
+
+        args, engine, n = self.args, self.engine, self.args.max_new_tokens
+        stops = self.sampling.stop or ()
+        request = Request(ids, n, self.sampling, seed=args.seed, constraint=args.constraint)
+        status.show(f"compiling for batch 1, {n} tokens (cached for the next run)..." if not self.turns
+                    else "prefilling...")
+        self.turns += 1
+        decoder = self.tok.incremental_decoder(skip_special_tokens=True)
+        stopper = _stop.TextStopper(stops, keep=args.keep_stop)
+        t0 = time.perf_counter()
+        prefix = engine.prefill(request, reuse=(self.state, 0))
+        self.state = engine.insert(prefix, self.state, 0)
+        generated: list[int] = []
+        logprobs: list[float] = []
+        first_s, first_tokens, done = None, 0, False
+        while not done:
+            self.state, out = engine.decode(self.state)
+            toks, valid, lps, reason = jax.device_get((out.tokens[0], out.valid[0], out.raw_logprobs[0], out.reason[0]))
+            if first_s is None:
+                first_s = time.perf_counter() - t0
+                status.clear()
+            generated += [int(t) for t in toks[valid]]
+            logprobs += [float(x) for x in lps[valid]]
+            if not first_tokens:
+                first_tokens = len(generated)
+            done = int(reason) != RUNNING or len(generated) >= n
+            piece = decoder(generated)
+            if not done:
+                piece = stopper.push(piece)
+                if stopper.stopped >= 0:  # the text shows a stop string the loop has not ended on
+                    self.state = engine.release(self.state, 0)
+                    done = True
+            if done:
+                piece = stopper.finish(piece + decoder.flush())
+            _write(piece)
+        _write("\n")
+        reason, what = _finish_reason(generated, _eos_set(self.model, self.tok, self.sampling), stopper.stopped,
+                                      stops, n)
+        completion = {"text": stopper.text, "tokens": generated, "logprobs": logprobs, "finish_reason": reason,
+                      "stop": what}
+        return _Run([completion], first_s, time.perf_counter() - t0, first_tokens, len(generated)), prefix.reused
+
+
+def _chat_engine_refusal(sampling, args) -> str | None:
+    """Why the chat cannot run on the engine (None: it can)."""
+    from jaxdecode._engine import ENGINE_FIELDS
+    from jaxdecode._settings import check_supported
+
+    if args.num_samples != 1:
+        return "--num-samples"
+    try:
+        check_supported("jaxdecode chat", sampling, ENGINE_FIELDS, "by the engine")
+    except ValueError as e:
+        return str(e)
+    return None
+
+
 def _chat(model, tok, args, sampling, status: Status) -> int:
-    """The interactive chat: history in the chat template, one streamed answer per turn."""
+    """The interactive chat: history in the chat template, one streamed answer per turn, the
+    KV cache kept between turns (:class:`_ChatSession`)."""
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     tty = _isatty(sys.stdin)
+    # The engine applies the SamplingParams fields in _engine.ENGINE_FIELDS; a chat asking for
+    # another (the issue-13 samplers: DRY, mirostat, ...) or for several samples re-prefills
+    # the whole conversation each turn through generate_stream, as before the engine chat.
+    session = None if _chat_engine_refusal(sampling, args) else _ChatSession(model, tok, args, sampling)
     print("jaxdecode chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:
@@ -646,27 +767,41 @@ def _chat(model, tok, args, sampling, status: Status) -> int:
             break
         if text == "/reset":
             history = list(base)
+            if session is not None:
+                session.reset()
             print("(history cleared)", file=sys.stderr)
             continue
         if not text:
             continue
         history.append({"role": "user", "content": line})
         ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
+        reused = None
         try:
-            run = _stream(model, tok, ids, args, sampling, status, live=True)
+            if session is not None:
+                run, reused = session.answer(ids, status)
+            else:
+                run = _stream(model, tok, ids, args, sampling, status, live=True)
         except KeyboardInterrupt:  # Ctrl-C ends this answer, not the session (as llama-cli)
             status.clear()
             _write("\n")
             print("(answer interrupted)", file=sys.stderr)
-            history.pop()
+            history.pop()  # the partial answer is dropped; the cache's common prefix follows
+            if session is not None:
+                session.recover()
             continue
         except ValueError as e:  # e.g. the conversation outgrew the context
+            status.clear()
             history.pop()
-            print(f"jaxdecode: {e} (/reset starts over)", file=sys.stderr)
+            hint = "; --ctx-size sets the context" if session is not None and "max_seq_len" in str(e) else ""
+            print(f"jaxdecode: {e} (/reset starts over{hint})", file=sys.stderr)
             continue
         history.append({"role": "assistant", "content": run.completions[0]["text"]})
         if not args.quiet:
-            print(_timing_line(0.0, run, args, 1).replace("load 0.00 s | ", ""), file=sys.stderr)
+            line = _timing_line(0.0, run, args, 1).replace("load 0.00 s | ", "")
+            if reused is not None:  # what the cache saved, as llama.cpp's server reports it
+                line = line.replace("[jaxdecode] ", f"[jaxdecode] prefill {len(ids) - reused} new tokens "
+                                                    f"({reused} reused) | ", 1)
+            print(line, file=sys.stderr)
     return 0
 
 
@@ -693,6 +828,8 @@ def _generate_main(argv: list[str]) -> int:
         raise UsageError("give a prompt as an argument, with -p or -f, or on stdin (or --chat on a terminal)")
     if not interactive and not prompt:
         raise UsageError("the prompt is empty")
+    if args.ctx_size is not None and not interactive:
+        raise UsageError("--ctx-size sizes the interactive chat's KV cache (--chat with no prompt on a terminal, or -i)")
 
     status = Status(sys.stderr, _isatty(sys.stderr) and not args.quiet)
     _ACTIVE.append(status)

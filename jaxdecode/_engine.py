@@ -4,7 +4,9 @@ The shape is JetStream's: a fixed number of **slots** (rows of one KV cache and 
 buffer), and three compiled functions:
 
 * :meth:`Engine.prefill` runs one request's prompt (batch 1, its length padded to a bucket of
-  ``16 * 2**k`` tokens) into a fresh cache row: a :class:`Prefix`.
+  ``16 * 2**k`` tokens) into a fresh cache row: a :class:`Prefix`. With ``reuse=(state,
+  slot)`` it continues that slot's cache instead (llama.cpp's ``cache_prompt``): only the
+  prompt tokens past the longest common prefix with the slot's history run (a chat's next turn).
 * :meth:`Engine.insert` writes a prefix's cache row, token history and the request's
   per-row settings (every :class:`jaxdecode.SamplingParams` field, its key, its
   ``max_new_tokens``) into one free slot of the :class:`DecodeState`.
@@ -235,6 +237,10 @@ class Prefix(NamedTuple):
       top_logprobs: alternatives per step the request asked for.
       constraint: the request's :class:`jaxdecode.Constraint` or None (host tables, padded
         at insert to the decode state's capacity).
+      stop_table: the request's :class:`StopTable` or None.
+      reused: leading prompt tokens taken from a slot's cache rather than computed
+        (``Engine.prefill(request, reuse=(state, slot))``; 0 for a fresh prefill): the model
+        ran on ``prompt_len - reused`` prompt tokens (+ token 0, see :meth:`Engine.prefill`).
     """
 
     cache: Any
@@ -246,6 +252,7 @@ class Prefix(NamedTuple):
     top_logprobs: int
     constraint: Any = None
     stop_table: Any = None
+    reused: int = 0
 
 
 class SlotStops(NamedTuple):
@@ -440,6 +447,21 @@ def _prefill_jit(cfg: _Config, pb: int, arrays, tokens, length, pad_id):
     logits, cache = M.prefill(_FN, model, tokens, cache, length, cfg.vocab)
     ctx = DecodeContext.from_prompt(tokens, cfg.vocab, length, cfg.window, pad_id)
     return cache, logits.astype(jnp.float32), ctx
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _continue_jit(cfg: _Config, arrays, cache, slot, tokens, positions, last, buffer, length, pad_id):
+    """A prompt continuing slot ``slot``'s cache: ``tokens`` ([1, T], right-padded) run by the
+    model's ``step`` at ``positions`` on a copy of that slot's cache row, logits read at chunk
+    index ``last``; ``buffer`` ([1, window]) is the whole prompt, for the row's context.
+
+    ``cache`` (the decode state's) is read, not donated: the state stays valid."""
+    model = M.merge(cfg.model, arrays)
+    row = M.take_rows(cache, cfg.axes.obj, slot[None])
+    out, row = M.cached_step(_FN, model, tokens, positions, row, "step (prefill)", cfg.vocab)
+    logits = lax.dynamic_index_in_dim(out, last, axis=1, keepdims=False)
+    ctx = DecodeContext.from_prompt(buffer, cfg.vocab, length, cfg.window, pad_id)
+    return row, logits.astype(jnp.float32), ctx
 
 
 def _put_row(big, small, slot, axis):
@@ -681,8 +703,46 @@ class Engine:
         return DecodeState(self.model.init_cache(s, w), jnp.zeros((s, v), jnp.float32), ctx,
                            jnp.full((s,), STOPPED, jnp.int32), rows, cons, stops)
 
-    def prefill(self, request: Request) -> Prefix:
-        """Runs one request's prompt (checked first; batch 1, padded to a prompt bucket)."""
+    def prefill(self, request: Request, reuse: tuple[DecodeState, int] | None = None) -> Prefix:
+        """Runs one request's prompt (checked first; batch 1, padded to a prompt bucket).
+
+        Args:
+          request: the :class:`Request`.
+          reuse: ``(state, slot)``: continue that slot's KV cache, as llama.cpp's server reuses
+            a slot's cached prompt (``cache_prompt``), e.g. the next turn of a chat. The
+            longest common prefix of the request's prompt and the tokens the slot's cache
+            holds (:meth:`reusable_tokens`) is taken from a copy of the slot's cache row; the
+            model runs only on the rest (plus token 0, see below), in length buckets of 16 *
+            2**k tokens. The prefix is as a fresh prefill's (the same greedy tokens, up to
+            float rounding between the model's ``prefill`` and ``step``), ready for
+            :meth:`insert` into any slot (usually the same one). With fewer than 2 tokens to
+            reuse it is a fresh prefill. ``state`` is read, not donated; ``Prefix.reused``
+            says how many prompt tokens were reused.
+
+        Token 0 is always run again, at position 0 with the new tokens: while other slots
+        decode, an idle slot's step writes into its cache slot 0 (:meth:`decode` parks it
+        there), and a causal model's K/V at position 0 depend on token 0 alone, so this
+        restores it exactly for one token's work.
+
+        Example:
+          >>> import jax, jaxdecode
+          >>> from jaxdecode._engine import Engine, Request
+          >>> model = lambda t: 5.0 * jax.nn.one_hot((t + 1) % 10, 10)  # next = current + 1
+          >>> engine = Engine(model, slots=1, max_seq_len=32, chunk_size=4)
+          >>> greedy = jaxdecode.SamplingParams(temperature=0, eos_id=())
+          >>> state = engine.insert(engine.prefill(Request([1, 2, 3], 4, greedy)), engine.init_state(), 0)
+          >>> state, out = engine.decode(state)  # 4, 5, 6, 7: the cache holds 1 2 3 4 5 6
+          >>> prefix = engine.prefill(Request([1, 2, 3, 4, 5, 6, 7, 0, 1], 3, greedy), reuse=(state, 0))
+          >>> prefix.reused, prefix.prompt_len
+          (6, 9)
+          >>> state, out = engine.decode(engine.insert(prefix, state, 0))
+          >>> out.tokens[0][out.valid[0]].tolist()
+          [2, 3, 4]
+        """
+        if reuse is not None:
+            if not (isinstance(reuse, tuple) and len(reuse) == 2):
+                raise TypeError(f"{_FN}.prefill: `reuse` must be a (DecodeState, slot) pair or None, got {reuse!r:.80}.")
+            return self._prefill_reusing(request, *reuse)
         request = self.check(request)
         rows = self.row_settings(request)
         p = len(request.prompt)
@@ -693,6 +753,58 @@ class Engine:
         stops = request.sampling.stop
         table = self.stop_table(stops) if stops else None
         return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs, request.constraint, table)
+
+    def reusable_tokens(self, state: DecodeState, slot: int, prompt: Sequence[int]) -> int:
+        """How many leading tokens of ``prompt`` slot ``slot``'s KV cache already holds: the
+        longest common prefix of ``prompt`` and the slot's token history, over the positions
+        surely written to the cache, and at most ``len(prompt) - 1`` (the last prompt token
+        must run to give the next-token logits).
+
+        A slot holds ``lengths`` tokens in its history; the last one is in the cache only if
+        the row was still running after it (a row that finished on it, by EOS, a stop or
+        its length, never fed it to the model), so ``lengths - 1`` positions are counted. A
+        re-tokenized history may differ from the generated ids (a chat's answer as text);
+        the common prefix stops at the first difference.
+        """
+        fn = f"{_FN}.prefill"
+        slot = V.as_int(fn, "slot", slot, f"a slot in [0, {self.slots})")
+        if not 0 <= slot < self.slots:
+            raise ValueError(f"{fn}: `slot` must be in [0, {self.slots}), got {slot}.")
+        if not isinstance(state, DecodeState):
+            raise TypeError(f"{fn}: `reuse` must be (DecodeState, slot), got a {type(state).__name__} for the state.")
+        prompt = np.asarray(prompt, np.int64).reshape(-1)
+        history, length = jax.device_get((state.context.tokens[slot], state.context.lengths[slot]))
+        cached = max(min(int(length) - 1, history.shape[0], prompt.size - 1), 0)
+        differ = np.nonzero(history[:cached] != prompt[:cached])[0]
+        return int(differ[0]) if differ.size else cached
+
+    def _prefill_reusing(self, request: Request, state: DecodeState, slot: int) -> Prefix:
+        """:meth:`prefill` continuing slot ``slot``'s cache (see its ``reuse``)."""
+        request = self.check(request)
+        reused = self.reusable_tokens(state, slot, request.prompt)
+        if reused < 2:  # token 0 runs anyway: nothing to gain
+            return self.prefill(request)
+        rows = self.row_settings(request)
+        prompt = np.asarray(request.prompt, np.int32)
+        p, w = prompt.size, self.max_seq_len
+        run = np.concatenate([prompt[:1], prompt[reused:]])  # token 0 (see prefill) + the new ones
+        tb = min(bucket(run.size, *PROMPT_BUCKETS), w)
+        tokens = np.full((1, tb), self.pad_id, np.int32)
+        tokens[0, : run.size] = run
+        # Padding runs at the positions after the prompt (clamped into the cache): slots past
+        # the prompt are each written by the decode step before any query reads them, and a
+        # real query at position q < p attends to slots <= q only.
+        positions = np.minimum(np.arange(p, p + tb - run.size), w - 1)
+        positions = np.concatenate([[0], np.arange(reused, p), positions]).astype(np.int32)[None]
+        buffer = np.full((1, w), self.pad_id, np.int32)
+        buffer[0, :p] = prompt
+        cache, logits, ctx = _continue_jit(self._cfg, self._arrays, state.cache, np.int32(slot), tokens, positions,
+                                           np.int32(run.size - 1), buffer, np.array([p], np.int32), self._pad)
+        stops = request.sampling.stop
+        table = self.stop_table(stops) if stops else None
+        # As prefill's Prefix (keep the two in step), plus how much came from the cache.
+        return Prefix(cache, logits, ctx, rows, p, request.n, request.top_logprobs, request.constraint, table,
+                      reused=reused)
 
     def insert(self, prefix: Prefix, state: DecodeState, slot: int, choice: int = 0) -> DecodeState:
         """Writes choice ``choice`` of a prefilled request into ``slot`` (donates ``state``)."""
@@ -774,7 +886,8 @@ class Engine:
 
     def compiled_count(self) -> int:
         """How many programs the engine's jitted functions hold (for compilation tests)."""
-        return sum(f._cache_size() for f in (_prefill_jit, _insert_jit, _decode_jit, _release_jit))
+        return sum(f._cache_size() for f in (_prefill_jit, _continue_jit, _insert_jit, _decode_jit,
+                                               _release_jit))
 
 
 # ---------------------------------------------------------------------------------------

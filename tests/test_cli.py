@@ -331,6 +331,118 @@ def test_chat_session_keeps_history_and_resets(chat_model, capsys, monkeypatch):
     assert answers == [a1, a2, a3] and a2 != a3  # the second turn saw the first; /reset forgot it
 
 
+def _greedy_answer(model, tok, history, n=4):
+    """(prompt ids, generated ids, text) of a fresh greedy answer to ``history``."""
+    ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
+    out = jaxdecode.generate(model, jnp.array([ids]), n, temperature=0.0, eos_id=tok.eos_ids)
+    gen = out.tokens[0, len(ids): int(out.lengths[0])].tolist()
+    return ids, gen, tok.decode(gen, skip_special_tokens=True)
+
+
+def _common_prefix(a, b):
+    k = 0
+    while k < min(len(a), len(b)) and a[k] == b[k]:
+        k += 1
+    return k
+
+
+def test_chat_reuses_the_kv_cache_between_turns(chat_model, capsys, monkeypatch):
+    model, tok = _load(chat_model)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello\n/reset\nhello\n"))
+    code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "4")
+    assert code == 0
+    lines = [l for l in err.splitlines() if l.startswith("[jaxdecode] prefill")]
+    assert len(lines) == 3, err
+    u1, u2 = {"role": "user", "content": "hi"}, {"role": "user", "content": "hello"}
+    ids1, gen1, a1 = _greedy_answer(model, tok, [u1])
+    ids2, _, a2 = _greedy_answer(model, tok, [u1, {"role": "assistant", "content": a1}, u2])
+    ids3, _, a3 = _greedy_answer(model, tok, [u2])
+    assert out.split("\n")[:3] == [a1, a2, a3]
+    # Turn 2 reuses the common prefix of its prompt and what the cache holds (turn 1's prompt
+    # and answer but the answer's last token, which was never fed); /reset empties the slot.
+    cached = (ids1 + gen1)[: len(ids1) + len(gen1) - 1]
+    reused = _common_prefix(ids2[:-1], cached)
+    assert reused >= len(ids1) - 1
+    assert lines[0].startswith(f"[jaxdecode] prefill {len(ids1)} new tokens (0 reused) | first token ")
+    assert lines[1].startswith(f"[jaxdecode] prefill {len(ids2) - reused} new tokens ({reused} reused) | ")
+    assert lines[2].startswith(f"[jaxdecode] prefill {len(ids3)} new tokens (0 reused) | ")
+
+
+@pytest.mark.parametrize("donated", [False, True])
+def test_chat_ctrl_c_mid_answer_keeps_history_and_cache_consistent(chat_model, capsys, monkeypatch, donated):
+    """Ctrl-C in turn 2's second chunk: the answer is dropped from the history; the slot's cache
+    holds a partial answer (or, when the interrupt lands inside the call that donated the
+    state, nothing): turn 3 equals a fresh answer to the history without turn 2."""
+    from jaxdecode._engine import Engine
+
+    model, tok = _load(chat_model)
+    real, calls = Engine.decode, []
+
+    def decode(self, state):
+        calls.append(1)
+        if len(calls) == 4:  # turn 1 takes 2 chunks (4 tokens, 2 per chunk); turn 2's second
+            if donated:
+                real(self, state)  # the state's buffers are gone, the result never returned
+            raise KeyboardInterrupt
+        return real(self, state)
+
+    monkeypatch.setattr(Engine, "decode", decode)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello\nyes\n"))
+    code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "4", "--chunk-size", "2")
+    assert code == 0 and "(answer interrupted)" in err
+    u1, u3 = {"role": "user", "content": "hi"}, {"role": "user", "content": "yes"}
+    _, _, a1 = _greedy_answer(model, tok, [u1])
+    ids3, _, a3 = _greedy_answer(model, tok, [u1, {"role": "assistant", "content": a1}, u3])
+    texts = [l for l in out.split("\n") if l]
+    assert texts[0] == a1 and texts[-1] == a3
+    last = [l for l in err.splitlines() if l.startswith("[jaxdecode] prefill")][-1]
+    reused = int(last.split("(")[1].split()[0])
+    assert (reused == 0) if donated else (reused > 0), last
+
+
+def test_chat_stop_strings_cut_each_answer_as_the_library(chat_model, capsys, monkeypatch):
+    model, tok = _load(chat_model)
+    u1, u2 = {"role": "user", "content": "hi"}, {"role": "user", "content": "hello"}
+    _, gen1, a1 = _greedy_answer(model, tok, [u1], n=6)
+    stop = tok.decode(gen1[2:3], skip_special_tokens=True)  # the third token's text
+    assert stop.strip(), (gen1, a1)
+
+    def answer(history):
+        ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
+        out = jaxdecode.generate(model, jnp.array([ids]), 6, temperature=0.0, eos_id=tok.eos_ids, stop=[stop],
+                                 tokenizer=tok)
+        return jaxdecode.completions(out, tok, stop=[stop], max_new_tokens=6)[0].text
+
+    b1 = answer([u1])
+    b2 = answer([u1, {"role": "assistant", "content": b1}, u2])
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello\n"))
+    code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "6", "--stop", stop)
+    assert code == 0 and b1 == a1[: a1.index(stop)]
+    assert out.split("\n")[:2] == [b1, b2] and "(0 reused)" not in err.splitlines()[-1]
+
+
+def test_chat_context_size_and_engine_fallbacks(chat_model, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello there hello there\nbye\n"))
+    code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "4", "-q", "--ctx-size", "20")
+    assert code == 0 and "exceeds max_seq_len=20 tokens per slot. (/reset starts over; --ctx-size sets" in err
+    code, _, err = run(capsys, "-i", "-m", chat_model, "--ctx-size", "64")
+    assert code == 2 and err.startswith("jaxdecode: error: --ctx-size: ") and len(err.splitlines()) == 1
+    code, _, err = run(capsys, "hi", "-m", chat_model, "--ctx-size", "16")
+    assert code == 2 and "--ctx-size sizes the interactive chat's KV cache" in err
+    # What the engine cannot do runs the chat through generate_stream (whole history each turn).
+    args = _cli.build_parser().parse_args(["-i", "--num-samples", "2"])
+    assert _cli._chat_engine_refusal(jaxdecode.SamplingParams(), args) == "--num-samples"
+    args = _cli.build_parser().parse_args(["-i"])
+    assert _cli._chat_engine_refusal(jaxdecode.SamplingParams(temperature=0.5, stop=["x"]), args) is None
+    from jaxdecode._engine import ENGINE_FIELDS
+
+    if "top_n_sigma" not in ENGINE_FIELDS:  # an issue-13 knob, while the engine lacks it
+        assert "`top_n_sigma`" in _cli._chat_engine_refusal(jaxdecode.SamplingParams(top_n_sigma=1.0), args)
+    monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello\n"))
+    code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "4", "--num-samples", "2")
+    assert code == 0 and "reused" not in err and err.count("first token") == 2
+
+
 # ---------------------------------------------------------------------------------------
 # Through the real entry point: a terminal, Ctrl-C, a closed pipe
 
@@ -378,6 +490,34 @@ def test_ctrl_c_prints_one_line_and_exits_130(tmp_path):
                           then=lambda p: p.send_signal(signal.SIGINT))
     assert code == 130, text
     assert "jaxdecode: interrupted" in text and "Traceback" not in text and "KeyboardInterrupt" not in text
+
+
+def test_terminal_chat_streams_turns_and_reuses_the_cache(chat_model, tmp_path):
+    """`jaxdecode --chat` with no prompt on a terminal: the prompt, two turns (the second
+    prefilling only its new tokens), /exit."""
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdecode", "--chat", "-m", chat_model, "-n", "4"],
+                            stdin=follower, stdout=follower, stderr=follower, env=_env(tmp_path), cwd=ROOT,
+                            close_fds=True)
+    os.close(follower)
+    seen, deadline = b"", time.time() + 120
+    # (what to wait for, how many times it must have appeared, what to type then)
+    script = [(b"> ", 1, b"hi\n"), (b"reused)", 1, b"hello\n"), (b"reused)", 2, b"/exit\n")]
+    while time.time() < deadline and proc.poll() is None:
+        if select.select([leader], [], [], 0.2)[0]:
+            try:
+                seen += os.read(leader, 4096)
+            except OSError:
+                break
+        if script and seen.count(script[0][0]) >= script[0][1]:
+            os.write(leader, script.pop(0)[2])
+    proc.wait(timeout=30)
+    os.close(leader)
+    text = seen.decode("utf-8", "replace")
+    assert proc.returncode == 0 and not script, text
+    assert "compiling for batch 1, 4 tokens" in text and "Traceback" not in text
+    first, second = [l for l in text.splitlines() if "[jaxdecode] prefill" in l]
+    assert "(0 reused)" in first and "(0 reused)" not in second, text
 
 
 def test_closed_pipe_exits_quietly(tmp_path):

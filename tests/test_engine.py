@@ -408,3 +408,160 @@ def test_issue13_samplers_are_refused_not_ignored():
                         ("bad_words", [[1, 2]])):
         with pytest.raises(ValueError, match=f"`{knob}` is not supported by the serving engine"):
             eng.prefill(Request([1, 2], max_new_tokens=3, sampling=jaxdecode.SamplingParams(**{knob: value})))
+
+
+# ---------------------------------------------------------------------------------------
+# Prefill continuing a slot's cache (prefill(request, reuse=(state, slot)))
+
+
+def _prefix_sum_model(vocab: int, seed: int = 3):
+    """A causal fake whose logits at position t depend on every token 0..t: ``table[sum(tokens[:t+1]) % V]``
+    (so a stale or corrupted cache slot, slot 0 included, changes the answer), KV-cached through
+    :func:`fake_models.cached`. Its step logs each call's positions (on the host, per run), so a
+    test sees which positions a prefill computed."""
+    from fake_models import cached
+
+    table = jnp.asarray(np.random.RandomState(seed).randn(vocab, vocab) * 3.0, jnp.float32)
+    inner = cached(lambda t: table[jnp.cumsum(t, axis=1) % vocab])
+    log: list = []
+
+    def step(tokens, positions, cache):
+        jax.debug.callback(lambda p: log.append(np.asarray(p).copy()), positions)
+        return inner.step(tokens, positions, cache)
+
+    return jaxdecode.CachedModel(inner.init_cache, step), log
+
+
+SUM_MODEL, SUM_LOG = _prefix_sum_model(V)
+GREEDY = jaxdecode.SamplingParams(temperature=0.0, eos_id=())
+
+
+def _answer(engine, state, slot, prompt, n, reuse):
+    """One greedy turn in ``slot``: (state, generated tokens, prefix)."""
+    prefix = engine.prefill(Request(prompt, n, GREEDY, seed=0), reuse=(state, slot) if reuse else None)
+    state = engine.insert(prefix, state, slot)
+    got = []
+    while True:
+        state, out = engine.decode(state)
+        got += out.tokens[slot][out.valid[slot]].tolist()
+        if int(out.reason[slot]) != 0:
+            return state, got, prefix
+
+
+def test_reused_prefill_equals_a_fresh_one_over_a_three_turn_chat_and_runs_only_new_tokens():
+    engine = Engine(SUM_MODEL, slots=2, max_seq_len=W, chunk_size=4)
+    reused_state, fresh_state = engine.init_state(), engine.init_state()
+    history, turns = [], []
+    # Token 0 (5) is not the pad id: a clobbered cache slot 0 would show.
+    for turn, (user, n) in enumerate([([5, 9, 2, 7, 1], 6), ([3, 3, 8], 5), ([11, 4], 7)]):
+        if turn == 0:
+            prompt = list(user)
+        elif turn == 1:  # the whole history as generated, then the new message
+            prompt = history + user
+        else:  # a re-tokenized answer differs from the generated ids after 2 tokens
+            prompt = history[: len(history) - len(turns[-1]) + 2] + [(history[-3] + 1) % V] + user
+        SUM_LOG.clear()
+        reused_state, got, prefix = _answer(engine, reused_state, 0, prompt, n, reuse=True)
+        prefill_log = SUM_LOG[0]
+        fresh_state, want, fresh = _answer(engine, fresh_state, 0, prompt, n, reuse=False)
+        assert got == want == _greedy_sum(prompt, n), turn
+        np.testing.assert_array_equal(prefix.logits, fresh.logits)
+        if turn == 0:
+            assert prefix.reused == 0
+        else:
+            # The cache holds the last history minus its final token (generated, never fed).
+            expect = len(history) - 1 if turn == 1 else len(history) - len(turns[-1]) + 2
+            assert prefix.reused == expect and prefix.prompt_len == len(prompt)
+            real = prefill_log[0][prefill_log[0] < len(prompt)]
+            assert real.tolist() == [0] + list(range(expect, len(prompt)))  # token 0 + the new ones only
+            assert prefill_log.shape[1] == 16  # one length bucket
+        history = prompt + got
+        turns.append(got)
+        # Another request decodes in slot 1 while slot 0 idles (its step parks writes in slot 0).
+        reused_state = _answer(engine, reused_state, 1, [2, 2, 2], 9, reuse=False)[0]
+
+
+def _greedy_sum(prompt, n):
+    """NumPy greedy decoding of the prefix-sum model (its table rebuilt from the same seed)."""
+    table = np.random.RandomState(3).randn(V, V).astype(np.float32) * np.float32(3.0)
+    seq = list(prompt)
+    for _ in range(n):
+        seq.append(int(np.argmax(table[sum(seq) % V])))
+    return seq[len(prompt):]
+
+
+def test_reuse_falls_back_to_a_fresh_prefill_and_checks_its_arguments():
+    engine = Engine(SUM_MODEL, slots=2, max_seq_len=W, chunk_size=4)
+    state = engine.init_state()
+    assert engine.reusable_tokens(state, 0, [5, 9, 2]) == 0  # an empty slot
+    state, got, _ = _answer(engine, state, 0, [5, 9, 2], 4, reuse=False)
+    assert engine.reusable_tokens(state, 0, [5, 9, 2] + got) == 6  # the last generated token is not cached
+    assert engine.reusable_tokens(state, 0, [5, 9, 2]) == 2  # the last prompt token always runs
+    assert engine.reusable_tokens(state, 0, [6, 9, 2, 1]) == 0
+    prefix = engine.prefill(Request([5, 1, 1, 1], 3, GREEDY, seed=0), reuse=(state, 0))
+    assert prefix.reused == 0  # 1 common token: a fresh prefill
+    with pytest.raises(TypeError, match="`reuse` must be a \\(DecodeState, slot\\) pair"):
+        engine.prefill(Request([5, 9], 3, GREEDY), reuse=state)
+    with pytest.raises(ValueError, match="`slot` must be in \\[0, 2\\), got 2"):
+        engine.prefill(Request([5, 9], 3, GREEDY), reuse=(state, 2))
+    with pytest.raises(ValueError, match="exceeds max_seq_len"):  # the request is checked as always
+        engine.prefill(Request([5, 9] * 40, 3, GREEDY), reuse=(state, 0))
+
+
+def test_reused_prefill_on_a_decoder_matches_a_fresh_one():
+    """A tiny random Llama (real KV cache, RoPE, sliding and global layers): after a reused
+    prefill the next-token logits and the greedy continuation match a fresh prefill."""
+    from jaxdecode.models import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(vocab_size=V, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, max_seq_len=W, sliding_window=8,
+                        layer_types=("sliding", "full"))
+    model = Decoder.init(jax.random.key(1), cfg)
+    engine = Engine(model, slots=2, max_seq_len=W, chunk_size=8)
+    state = engine.init_state()
+    first = [3, 14, 15, 9, 2, 6, 5, 3, 5]
+    state, got, _ = _answer(engine, state, 0, first, 10, reuse=False)
+    state = _answer(engine, state, 1, [1, 2, 3], 12, reuse=False)[0]  # slot 0 idles meanwhile
+    prompt = first + got + [7, 7, 1]
+    state_fresh = engine.init_state()
+    state, again, prefix = _answer(engine, state, 0, prompt, 12, reuse=True)
+    _, want, fresh = _answer(engine, state_fresh, 0, prompt, 12, reuse=False)
+    assert prefix.reused == len(first) + len(got) - 1
+    np.testing.assert_allclose(prefix.logits, fresh.logits, rtol=0, atol=1e-4)
+    assert again == want
+
+
+@pytest.mark.slow
+def test_real_model_three_turn_chat_reusing_the_cache_equals_fresh_prefills():
+    """SmolLM2-135M: a 3-turn chat (history re-tokenized through the chat template each turn),
+    one engine reusing slot 0's cache, another prefilling the whole conversation: the same
+    greedy answers, and turns 2 and 3 reuse all but the new message."""
+    model, tok = jaxdecode.models.load("smollm2-135m")
+    engine = Engine(model, slots=1, max_seq_len=512, chunk_size=8)
+    sp = jaxdecode.SamplingParams(temperature=0.0, eos_id=tok.eos_ids)
+    reuse_state, fresh_state = engine.init_state(), engine.init_state()
+    history = []
+    for turn, message in enumerate(["What is the capital of France?", "And of Italy?", "Name a river there."]):
+        history.append({"role": "user", "content": message})
+        ids = tok.encode(tok.apply_chat_template(history, add_generation_prompt=True))
+        answers = []
+        for state, reuse in ((reuse_state, True), (fresh_state, False)):
+            prefix = engine.prefill(Request(ids, 24, sp, seed=0), reuse=(state, 0) if reuse else None)
+            state = engine.insert(prefix, state, 0)
+            got = []
+            while True:
+                state, out = engine.decode(state)
+                got += out.tokens[0][out.valid[0]].tolist()
+                if int(out.reason[0]) != 0:
+                    break
+            answers.append((got, prefix))
+            if reuse:
+                reuse_state = state
+            else:
+                fresh_state = state
+        (got, prefix), (want, fresh) = answers
+        assert got == want, (turn, tok.decode(got), tok.decode(want))
+        np.testing.assert_allclose(prefix.logits, fresh.logits, rtol=0, atol=2e-3)
+        if turn:
+            new = len(ids) - prefix.reused
+            assert prefix.reused > 0.6 * len(ids) and new <= len(tok.encode(message)) + 12, (prefix.reused, len(ids))
+        history.append({"role": "assistant", "content": tok.decode(got, skip_special_tokens=True)})
