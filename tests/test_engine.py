@@ -227,6 +227,32 @@ def test_real_model_seeded_request_alone_equals_among_15_concurrent():
     assert under.tokens == alone.tokens and under.logprobs == alone.logprobs
 
 
+@pytest.mark.slow
+def test_real_model_issue13_knobs_equal_generate():
+    """SmolLM2-135M: requests with issue-13 knobs (greedy with n-gram / bad-word / DRY rules;
+    seeded with mirostat, XTC and a penalty window) in a 4-slot engine next to a plain one
+    give generate's tokens for the same row key."""
+    model, tok = jaxdecode.models.load()
+    engine = Engine(model, slots=4, max_seq_len=128, chunk_size=8)
+    bad = [tok.encode(" Paris", add_bos=False)]
+    reqs = [
+        Request(tok.encode("The capital of France is"), 20, jaxdecode.SamplingParams(
+            temperature=0.0, no_repeat_ngram_size=2, bad_words=bad, dry_multiplier=0.8, eos_id=()), seed=0),
+        Request(tok.encode("Once upon a time"), 20, jaxdecode.SamplingParams(
+            temperature=0.9, mirostat_tau=4.0, xtc_probability=0.5, xtc_threshold=0.1, penalty_last_n=8,
+            repetition_penalty=1.3, eos_id=()), seed=7),
+        Request(tok.encode("Hello"), 20, jaxdecode.SamplingParams(temperature=0.7, top_k=20, eos_id=()), seed=3),
+    ]
+    handles = EngineLoop(engine).run(reqs)
+    for req, h in zip(reqs, handles):
+        key = jax.random.fold_in(seed_key(req.seed), 0)[None]
+        out = jaxdecode.generate(model, jnp.asarray([req.prompt]), req.max_new_tokens, key=key, sampling=req.sampling)
+        p = len(req.prompt)
+        assert h.choices[0].tokens == out.tokens[0, p:p + req.max_new_tokens].tolist(), req.sampling
+    if len(bad[0]) == 1:  # " Paris" is one token in SmolLM2's vocabulary: never generated
+        assert bad[0][0] not in handles[0].choices[0].tokens
+
+
 def test_engine_layering():
     """The engine sits beside generate (floor 4: per-step maths and model handling only); the
     front ends (_openai, _server, _batch, _cli) sit on top of it and nothing below imports them."""
