@@ -21,8 +21,9 @@ token masks bool[S, V], sequence tables [S, W, M] of fixed capacities (``Engine(
 max_sequence_bias=, max_dry_breakers=, max_word_len=)``), mirostat's mu [S] in the
 :class:`DecodeState`. They run in an extended branch of the step (a ``lax.cond`` taken only in
 steps where some running slot uses one; its rows without them get exactly the plain branch's
-result). The engine compiles that branch the first time a request uses one (one more decode
-program for the engine's life); until then the decode step is the plain one.
+result). The engine compiles that program the first time a request uses one (one more decode
+program for the engine's life); a chunk in which no running slot uses one runs the plain
+program, exactly as if no request ever had.
 
 Structured output (``Request.constraint``, a :class:`jaxdecode.Constraint`) runs inside the
 same step: each slot holds its own automaton tables (``class_of[V]``, ``table[S, C]``, padded
@@ -577,7 +578,7 @@ class Engine:
         self._cfg = _Config(static, self.slots, w, self.vocab, self.chunk_size, max(self.top_logprobs, 1),
                             M._Static(axes))
         self._pad = jnp.asarray(np.int32(self.pad_id))
-        self._extended = False  # set (for good) by the first insert of a row with an issue-13 knob
+        self._heavy = np.zeros((self.slots,), bool)  # host copy of rows.heavy per slot (set at insert)
 
     # -- host-side request checks -----------------------------------------------------
 
@@ -790,8 +791,7 @@ class Engine:
         class_of, table, on = self._constraint_row(prefix.constraint, state.constraint.table.shape[1:])
         state = self.fit_stops(state, prefix.stop_table)
         stop_cls, stop_tab = self._stop_row(prefix.stop_table, state.stops.table.shape[1:])
-        if row.heavy[0]:
-            self._extended = True  # decode compiles its extended branch once, then keeps it
+        self._heavy[slot] = bool(row.heavy[0])
         return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row, class_of, table, on,
                            stop_cls, stop_tab, np.int32(choice), np.int32(slot))
 
@@ -850,9 +850,12 @@ class Engine:
     def decode(self, state: DecodeState) -> tuple[DecodeState, ChunkOutput]:
         """Advances every running slot ``chunk_size`` tokens (donates ``state``).
 
-        Until a request with an issue-13 knob was inserted this runs the plain step; from then
-        on the step with the extended branch (one more compilation, for the engine's life)."""
-        cfg = self._cfg._replace(extended=True) if self._extended else self._cfg
+        A chunk in which some running slot uses an issue-13 knob runs the program with the
+        extended branch (compiled the first time: one more program for the engine's life); any
+        other chunk runs the plain one. Choosing reads ``state.reason`` (a wait for the previous
+        chunk, which the loop has fetched already)."""
+        running = np.asarray(state.reason) == RUNNING
+        cfg = self._cfg._replace(extended=True) if bool((self._heavy & running).any()) else self._cfg
         return _decode_jit(cfg, self._arrays, self._pad, state)
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:

@@ -480,9 +480,8 @@ def test_heavy_seeded_request_alone_equals_among_15_concurrent():
         temperature=1.0, mirostat_tau=2.5, dry_multiplier=0.8, dry_allowed_length=1, xtc_probability=0.6,
         xtc_threshold=0.05, bad_words=[[2, 3]], eos_id=()), seed=77)
     plain = Request([9, 9], 24, jaxdecode.SamplingParams(temperature=1.0, top_p=0.95, eos_id=()), seed=1234)
-    fresh = _engine(slots=16)  # never saw an issue-13 knob: the plain decode program
-    plain_alone = EngineLoop(fresh).run([plain])[0].choices[0]
-    assert not fresh._extended
+    fresh = _engine(slots=16)
+    plain_alone = EngineLoop(fresh).run([plain])[0].choices[0]  # the plain decode program
     heavy_alone = EngineLoop(fresh).run([heavy])[0].choices[0]
     rng = np.random.default_rng(5)
     others = []
@@ -530,7 +529,7 @@ def test_issue13_knobs_cost_one_compilation_for_the_engines_life():
     assert all(c.finish_reason in ("stop", "length") for h in handles for c in h.choices)
     assert len(compiles) == before + 1, f"{len(compiles) - before} new compilations (want 1: the extended decode)"
     assert engine.compiled_count() == programs + 1
-    # Plain requests after it reuse the extended program: still nothing new.
+    # Plain requests after it run the plain program again: still nothing new.
     loop.run([Request([2, 3], 6, jaxdecode.SamplingParams(temperature=0.5), seed=1)])
     assert len(compiles) == before + 1
 
