@@ -6,8 +6,12 @@ on the real model, then sends the same work three ways:
 1. ``concurrent``: N requests (default 64) with varied prompt and output lengths from C
    concurrent clients (default 16; threads, each streaming with ``httpx``);
 2. ``sequential``: the same N requests, one at a time;
-3. ``offline generate``: ``jaxdecode.generate`` on the same prompts, in batches of C
-   (each batch padded to its longest prompt and run for its largest ``max_tokens``).
+3. ``offline generate``: ``jaxdecode.generate`` on the same work: the requests sorted by
+   ``max_tokens`` and batched C at a time (equal settings; each batch right-padded to its
+   longest prompt, with per-row ``prompt_lengths`` and per-row keys, run for its largest
+   ``max_tokens``), timed after one untimed compiling pass; its output tokens/s counts each
+   request's own ``max_tokens``. Each request's text is compared with the server's response
+   (the same seed: row key ``fold_in(key(seed), 0)``, the engine's).
 
 Every request is sampled (temperature 0.8, top-p 0.95) with its own seed and
 ``ignore_eos`` (so its output length is its ``max_tokens``); each concurrent response is
@@ -16,7 +20,9 @@ corrupted. Reports requests/s, output tokens/s, time to first token and inter-to
 (median and p99), and the concurrent / sequential throughput ratio (issue 15's goal: >= 4x at
 16 clients).
 
-Run: ``python benchmarks/bench_serve.py [--requests 64] [--concurrency 16] [--slots 16]``.
+Run: ``python benchmarks/bench_serve.py [--requests 64] [--concurrency 16] [--slots 16]``;
+``--smoke`` is a tiny run (4 requests, 2 clients, 2 slots, up to 8 tokens) that checks the
+script end to end.
 """
 
 from __future__ import annotations
@@ -126,7 +132,11 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--skip-offline", action="store_true")
+    ap.add_argument("--smoke", action="store_true", help="a tiny end-to-end run (not a measurement)")
     args = ap.parse_args(argv)
+    if args.smoke:
+        args.requests, args.concurrency, args.slots, args.min_tokens, args.max_tokens = 4, 2, 2, 4, 8
+        args.max_seq_len = 128
 
     import jax
     import jax.numpy as jnp
@@ -164,12 +174,16 @@ def main(argv=None) -> int:
 
     if not args.skip_offline:
         model = engine.model
+        add_bos = getattr(tok, "add_bos_token", False)  # as the server encodes a prompt
+        order = sorted(range(len(bodies)), key=lambda i: (bodies[i]["max_tokens"], i))
+        batches = [order[s:s + args.concurrency] for s in range(0, len(order), args.concurrency)]
+        texts: dict = {}
 
         def offline() -> int:
             out_tokens = 0
-            for s in range(0, len(bodies), args.concurrency):
-                group = bodies[s:s + args.concurrency]
-                ids = [tok.encode(b["prompt"]) for b in group]
+            for batch in batches:
+                group = [bodies[i] for i in batch]
+                ids = [tok.encode(b["prompt"], add_bos=add_bos) for b in group]
                 p = max(len(x) for x in ids)
                 prompt = np.zeros((len(ids), p), np.int32)
                 for i, x in enumerate(ids):
@@ -179,18 +193,25 @@ def main(argv=None) -> int:
                     jnp.array([b["seed"] for b in group]))
                 out = jaxdecode.generate(model, prompt, n, key=keys, prompt_lengths=np.array([len(x) for x in ids]),
                                          temperature=0.8, top_p=0.95, eos_id=())
-                jax.block_until_ready(out.tokens)
+                toks = np.asarray(jax.block_until_ready(out.tokens))
+                for j, (i, b) in enumerate(zip(batch, group)):
+                    texts[i] = toks[j, len(ids[j]):len(ids[j]) + b["max_tokens"]].tolist()
                 out_tokens += sum(b["max_tokens"] for b in group)
             return out_tokens
 
-        offline()  # compiles each (prompt bucket, step bucket) once, untimed
+        offline()  # compiles each (batch, prompt bucket, step bucket) once, untimed
         t1 = time.perf_counter()
         out_tokens = offline()
         wall = time.perf_counter() - t1
-        rows.append({"mode": f"offline generate (batches of {args.concurrency}, compiled)", "requests": len(bodies),
-                     "wall_s": round(wall, 2), "req_per_s": round(len(bodies) / wall, 3),
+        rows.append({"mode": f"offline generate (sorted by max_tokens, batches of {args.concurrency}, compiled)",
+                     "requests": len(bodies), "wall_s": round(wall, 2), "req_per_s": round(len(bodies) / wall, 3),
                      "out_tok_per_s": round(out_tokens / wall, 1)})
         print(json.dumps(rows[-1]), flush=True)
+        same = sum(tok.decode(texts[i]) == conc[i]["text"] for i in range(len(bodies)))
+        print(f"offline generate: {same} of {len(bodies)} texts equal the server's responses "
+              f"(floating-point differences between batch shapes can flip a sampled token)", flush=True)
+        print(f"server (concurrent) / offline generate output throughput: "
+              f"{rows[1]['out_tok_per_s'] / rows[-1]['out_tok_per_s']:.2f}x", flush=True)
 
     ratio = rows[1]["out_tok_per_s"] / rows[0]["out_tok_per_s"]
     print("\n| mode | requests/s | output tok/s | TTFT median / p99 (s) | inter-token latency median / p99 (s) |")

@@ -732,17 +732,11 @@ class _ChatSession:
         return _Run([completion], first_s, time.perf_counter() - t0, first_tokens, len(generated)), prefix.reused
 
 
-def _chat_engine_refusal(sampling, args) -> str | None:
-    """Why the chat cannot run on the engine (None: it can)."""
-    from jaxdecode._engine import ENGINE_FIELDS
-    from jaxdecode._settings import check_supported
-
+def _chat_engine_refusal(args) -> str | None:
+    """Why the chat cannot run on the engine (None: it can). The engine applies every
+    SamplingParams field; it draws one sample per slot."""
     if args.num_samples != 1:
         return "--num-samples"
-    try:
-        check_supported("jaxdecode chat", sampling, ENGINE_FIELDS, "by the engine")
-    except ValueError as e:
-        return str(e)
     return None
 
 
@@ -752,10 +746,9 @@ def _chat(model, tok, args, sampling, status: Status) -> int:
     base = [{"role": "system", "content": args.system}] if args.system else []
     history = list(base)
     tty = _isatty(sys.stdin)
-    # The engine applies the SamplingParams fields in _engine.ENGINE_FIELDS; a chat asking for
-    # another (the issue-13 samplers: DRY, mirostat, ...) or for several samples re-prefills
-    # the whole conversation each turn through generate_stream, as before the engine chat.
-    session = None if _chat_engine_refusal(sampling, args) else _ChatSession(model, tok, args, sampling)
+    # A chat asking for several samples per turn re-prefills the whole conversation each turn
+    # through generate_stream, as before the engine chat.
+    session = None if _chat_engine_refusal(args) else _ChatSession(model, tok, args, sampling)
     print("jaxdecode chat: type a message; /reset clears the history, /exit (or Ctrl-D) quits.", file=sys.stderr)
     while True:
         try:

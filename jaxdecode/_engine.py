@@ -11,9 +11,21 @@ buffer), and three compiled functions:
   per-row settings (every :class:`jaxdecode.SamplingParams` field, its key, its
   ``max_new_tokens``) into one free slot of the :class:`DecodeState`.
 * :meth:`Engine.decode` advances every occupied slot ``chunk_size`` tokens (one
-  ``lax.scan``): per-row penalties, bias, EOS ban, sampling knobs and keys; EOS, stop
-  sequences and ``max_new_tokens`` finish a row, which then idles until the host frees and
-  refills its slot at a chunk boundary.
+  ``lax.scan``): per-row penalties, bias, history rules, EOS ban, sampling knobs and keys
+  (every :class:`jaxdecode.SamplingParams` knob, through the same functions as
+  :func:`jaxdecode.generate`'s step: :func:`jaxdecode._processors.process_logits` and
+  :func:`jaxdecode._sampling.draw_step`); EOS, stop sequences and ``max_new_tokens`` finish a
+  row, which then idles until the host frees and refills its slot at a chunk boundary.
+
+The issue-13 knobs (extended truncations, mirostat, DRY, penalty window, n-gram / bad-word /
+allowed / suppress bans, sequence bias, length penalty) are per-slot arrays too: numbers [S],
+token masks bool[S, V], sequence tables [S, W, M] of fixed capacities (``Engine(max_bad_words=,
+max_sequence_bias=, max_dry_breakers=, max_word_len=)``), mirostat's mu [S] in the
+:class:`DecodeState`. They run in an extended branch of the step (a ``lax.cond`` taken only in
+steps where some running slot uses one; its rows without them get exactly the plain branch's
+result). The engine compiles that program the first time a request uses one (one more decode
+program for the engine's life); a chunk in which no running slot uses one runs the plain
+program, exactly as if no request ever had.
 
 Structured output (``Request.constraint``, a :class:`jaxdecode.Constraint`) runs inside the
 same step: each slot holds its own automaton tables (``class_of[V]``, ``table[S, C]``, padded
@@ -61,16 +73,10 @@ from . import _stop
 from . import _structured as C
 from . import _validate as V
 from ._compilation import bucket
-from ._processors import DecodeContext, apply_frequency_presence_penalty, apply_repetition_penalty
+from ._processors import DecodeContext, SamplingRules, process_logits
 from ._processors import stop_sequence_match
-from ._sampling import SamplingKnobs, draw
-from ._settings import SamplingParams, check_supported
-
-# The SamplingParams fields the engine's decode step applies per slot. The issue-13 samplers
-# (top_n_sigma ... begin_suppress_tokens) run in generate() but not here yet: a request that
-# sets one gets a ValueError (a 400 from the server), never a silent default.
-ENGINE_FIELDS = ("temperature", "top_k", "top_p", "min_p", "typical_p", "repetition_penalty", "presence_penalty",
-                 "frequency_penalty", "logit_bias", "eos_id", "min_new_tokens", "stop_sequences", "stop")
+from ._sampling import _EXTRA_SPECS, ExtraKnobs, SamplingKnobs, draw_step
+from ._settings import SamplingParams, uses_extended
 
 __all__ = ["Engine", "EngineLoop", "Request", "Prefix", "DecodeState", "SlotConstraints", "SlotStops", "StopTable",
            "stop_table", "ChunkOutput", "RowSettings",
@@ -206,6 +212,12 @@ class RowSettings(NamedTuple):
       stop_seqs: int32[R, S, M] right-aligned stop sequences; stop_lens: int32[R, S] (0: unused).
       max_new_tokens: int32[R].
       want_top: bool[R]: the row asked for top log-probabilities.
+      extra: :class:`jaxdecode._sampling.ExtraKnobs` (top_n_sigma ... mirostat_eta), each [R].
+      rules: :class:`jaxdecode._processors.SamplingRules` per row: numbers [R], token masks
+        bool[R, V] (allowed: all True when off), sequence tables int32[R, W, M] with lengths
+        [R, W] (0: unused) and, for sequence bias, values float32[R, W]; decay (start [R],
+        factor [R]; factor 1 is off).
+      heavy: bool[R]: the row sets some issue-13 knob (it needs the extended branch).
     """
 
     key: jax.Array
@@ -220,6 +232,9 @@ class RowSettings(NamedTuple):
     stop_lens: jax.Array
     max_new_tokens: jax.Array
     want_top: jax.Array
+    extra: ExtraKnobs
+    rules: SamplingRules
+    heavy: jax.Array
 
 
 class Prefix(NamedTuple):
@@ -299,6 +314,7 @@ class DecodeState(NamedTuple):
       rows: :class:`RowSettings` of the S slots.
       constraint: :class:`SlotConstraints` of the S slots.
       stops: :class:`SlotStops` of the S slots.
+      mu: float32[S]: mirostat v2's mu per slot (``2 * mirostat_tau`` at insert).
     """
 
     cache: Any
@@ -308,6 +324,7 @@ class DecodeState(NamedTuple):
     rows: RowSettings
     constraint: SlotConstraints
     stops: SlotStops
+    mu: Any = None
 
 
 class ChunkOutput(NamedTuple):
@@ -342,23 +359,11 @@ class _Config(NamedTuple):
     chunk: int
     num_top: int
     axes: Any  # M._Static(cache batch axes)
+    extended: bool = False  # the step has the extended branch (some request used an issue-13 knob)
 
 
 # ---------------------------------------------------------------------------------------
 # Compiled pieces
-
-
-def _process_logits(vocab: int, rows: RowSettings, raw, ctx: DecodeContext):
-    """Penalties, bias and the EOS ban before ``min_new_tokens``, per row, in vLLM's order
-    (the same operations as :func:`jaxdecode.generate`'s step)."""
-    seen = ctx.prompt_mask | (ctx.token_counts > 0)
-    l = apply_repetition_penalty(raw, seen, rows.repetition_penalty)
-    l = apply_frequency_presence_penalty(l, ctx.token_counts, rows.frequency_penalty, rows.presence_penalty)
-    l = l + rows.logit_bias
-    r = raw.shape[0]
-    eos_mask = jnp.zeros((r, vocab), bool).at[jnp.arange(r)[:, None], rows.eos_ids].set(True, mode="drop")
-    early = (ctx.step < rows.min_new_tokens)[:, None]
-    return jnp.where(early & eos_mask, -jnp.inf, l)
 
 
 def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
@@ -379,12 +384,25 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
         logits, st = C.apply(tables, logits, C.ConstraintState(cs.state, cs.consumed), ctx)
         return logits, cs._replace(state=st.state, consumed=st.consumed)
 
-    def sample(cs):
-        logits = _process_logits(cfg.vocab, rows, state.logits, ctx)
+    def pick(full, operand):
+        # generate's step: the shared processing and draw; `full` adds the issue-13 knobs.
+        cs, mu = operand
+        logits = process_logits(state.logits, ctx, repetition_penalty=rows.repetition_penalty,
+                                frequency_penalty=rows.frequency_penalty, presence_penalty=rows.presence_penalty,
+                                logit_bias=rows.logit_bias, eos_ids=rows.eos_ids, min_new_tokens=rows.min_new_tokens,
+                                rules=rows.rules if full else None, full=full)
         # Last: the draw renormalises over the allowed tokens (as generate's step).
         logits, cs = lax.cond(jnp.any(active & cs.on), constrain, lambda op: op, (logits, cs))
-        u = jax.vmap(lambda k, i: jax.random.uniform(jax.random.fold_in(k, i), (), jnp.float32))(keys, ctx.step)
-        ids, lp = draw(u, logits, rows.knobs)
+        step_keys = jax.vmap(jax.random.fold_in)(keys, ctx.step)
+        ids, lp, mu = draw_step(step_keys, logits, rows.knobs, rows.extra if full else None, mu)
+        return ids, lp, cs, mu
+
+    def sample(operand):
+        if cfg.extended:  # row-wise either way: a row without issue-13 knobs gets the same result
+            ids, lp, cs, mu = lax.cond(jnp.any(active & rows.heavy), functools.partial(pick, True),
+                                       functools.partial(pick, False), operand)
+        else:
+            ids, lp, cs, mu = pick(False, operand)
         raw_all = jax.nn.log_softmax(state.logits, axis=-1)
         raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
 
@@ -396,14 +414,16 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
             return jnp.zeros((s, cfg.num_top), jnp.int32), jnp.zeros((s, cfg.num_top), jnp.float32)
 
         top_ids, top_lp = lax.cond(jnp.any(active & rows.want_top), top, no_top, None)
-        return ids, lp, raw_lp, top_ids, top_lp, cs
+        return ids, lp, raw_lp, top_ids, top_lp, cs, mu
 
-    def no_sample(cs):
+    def no_sample(operand):
         z = jnp.zeros((s,), jnp.float32)
         return (jnp.zeros((s,), jnp.int32), z, z, jnp.zeros((s, cfg.num_top), jnp.int32),
-                jnp.zeros((s, cfg.num_top), jnp.float32), cs)
+                jnp.zeros((s, cfg.num_top), jnp.float32)) + operand
 
-    ids, lp, raw_lp, top_ids, top_lp, cons = lax.cond(jnp.any(active), sample, no_sample, state.constraint)
+    ids, lp, raw_lp, top_ids, top_lp, cons, mu = lax.cond(jnp.any(active), sample, no_sample,
+                                                          (state.constraint, state.mu))
+    mu = jnp.where(active, mu, state.mu)
     ctx = ctx.advance(ids, active)
     hit = jnp.any(ids[:, None] == rows.eos_ids, axis=-1)
     hit |= stop_sequence_match(ctx.tokens, ctx.lengths, ctx.step, rows.stop_seqs, rows.stop_lens)
@@ -426,7 +446,7 @@ def _decode_step(cfg: _Config, model, pad_id, state: DecodeState, _):
     logits, cache = lax.cond(jnp.any(running), run_model, lambda op: (op[1], op[0]), (state.cache, state.logits))
     out = (jnp.where(active, ids, pad_id), active, jnp.where(active, lp, 0.0), jnp.where(active, raw_lp, 0.0),
            jnp.where(active[:, None], top_ids, pad_id), jnp.where(active[:, None], top_lp, 0.0))
-    return DecodeState(cache, logits, ctx, reason, rows, cons, st._replace(state=stop_state)), out
+    return DecodeState(cache, logits, ctx, reason, rows, cons, st._replace(state=stop_state), mu), out
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=(3,))
@@ -490,6 +510,7 @@ def _insert_jit(cfg: _Config, state: DecodeState, cache, logits, ctx, rows: RowS
                                    cs.state.at[slot].set(0), put(cs.consumed, ctx.step)),
         stops=SlotStops(put(state.stops.class_of, stop_class_of), put(state.stops.table, stop_tab),
                         state.stops.state.at[slot].set(0)),
+        mu=state.mu.at[slot].set(2.0 * one.extra.mirostat_tau[0]),  # as generate's initial mu
     )
 
 
@@ -516,6 +537,9 @@ class Engine:
       top_logprobs: int >= 0, the most alternatives per step a request may ask for (static:
         computed only in chunks where some row asked).
       max_eos_ids, max_stop_sequences, max_stop_len: sizes of the per-row EOS and stop tables.
+      max_bad_words, max_sequence_bias, max_dry_breakers: entries of the per-row tables of
+        ``bad_words``, ``sequence_bias`` and ``dry_sequence_breakers``; max_word_len: tokens per
+        entry (a request beyond them is a ValueError naming the field).
       pad_id: token id written where a slot generated nothing.
       eos_ids: the EOS ids of requests whose ``eos_id`` is None (default: the model's
         ``config.eos_ids``; the server passes the tokenizer's when the model declares none).
@@ -538,13 +562,19 @@ class Engine:
 
     def __init__(self, model: Any, *, slots: int = 8, max_seq_len: int | None = None, chunk_size: int = 8,
                  top_logprobs: int = 20, max_eos_ids: int = 8, max_stop_sequences: int = 8, max_stop_len: int = 16,
-                 pad_id: int = 0, eos_ids: Sequence[int] | None = None, tokenizer: Any = None):
+                 pad_id: int = 0, eos_ids: Sequence[int] | None = None, tokenizer: Any = None,
+                 max_bad_words: int = 16, max_sequence_bias: int = 16, max_dry_breakers: int = 8,
+                 max_word_len: int = 8):
         fn = _FN
         self.slots = V.check_count(fn, "slots", slots, 1)
         self.chunk_size = V.check_count(fn, "chunk_size", chunk_size, 1)
         self.max_eos_ids = V.check_count(fn, "max_eos_ids", max_eos_ids, 1)
         self.max_stop_sequences = V.check_count(fn, "max_stop_sequences", max_stop_sequences, 1)
         self.max_stop_len = V.check_count(fn, "max_stop_len", max_stop_len, 1)
+        self.max_bad_words = V.check_count(fn, "max_bad_words", max_bad_words, 1)
+        self.max_sequence_bias = V.check_count(fn, "max_sequence_bias", max_sequence_bias, 1)
+        self.max_dry_breakers = V.check_count(fn, "max_dry_breakers", max_dry_breakers, 1)
+        self.max_word_len = V.check_count(fn, "max_word_len", max_word_len, 1)
         M.model_kind(fn, model)
         limit = M.context_limit(model)
         if max_seq_len is None:
@@ -570,6 +600,7 @@ class Engine:
         self._cfg = _Config(static, self.slots, w, self.vocab, self.chunk_size, max(self.top_logprobs, 1),
                             M._Static(axes))
         self._pad = jnp.asarray(np.int32(self.pad_id))
+        self._heavy = np.zeros((self.slots,), bool)  # host copy of rows.heavy per slot (set at insert)
 
     # -- host-side request checks -----------------------------------------------------
 
@@ -597,7 +628,6 @@ class Engine:
         if not isinstance(request.sampling, SamplingParams):
             raise TypeError(f"{fn}: `sampling` must be a jaxdecode.SamplingParams, got "
                             f"{type(request.sampling).__name__}.")
-        check_supported(fn, request.sampling, ENGINE_FIELDS, "by the serving engine (yet; jaxdecode.generate has it)")
         c = request.constraint
         if c is not None:
             if not isinstance(c, C.Constraint):
@@ -651,18 +681,8 @@ class Engine:
         eos_row = np.full((self.max_eos_ids,), vocab, np.int32)
         for j, t in enumerate(eos):
             eos_row[j] = V.check_token_id(fn, "eos_id", t, vocab)
-        ns, ml = self.max_stop_sequences, self.max_stop_len
-        seqs, lens = np.zeros((ns, ml), np.int32), np.zeros((ns,), np.int32)
-        stops = sp.stop_sequences or ()
-        if len(stops) > ns:
-            raise ValueError(f"{fn}: `stop_sequences` has {len(stops)} sequences; this engine allows at most {ns}.")
-        for j, seq in enumerate(stops):
-            if len(seq) > ml:
-                raise ValueError(f"{fn}: `stop_sequences[{j}]` has {len(seq)} tokens; this engine allows at most {ml}.")
-            for t in seq:
-                V.check_token_id(fn, f"stop_sequences[{j}]", t, vocab)
-            seqs[j, ml - len(seq):] = seq
-            lens[j] = len(seq)
+        seqs, lens = self._seq_table(fn, "stop_sequences", sp.stop_sequences, self.max_stop_sequences,
+                                     self.max_stop_len, "max_stop_sequences", "max_stop_len")
         seed = int(request.seed) % (1 << 64)  # seed_key's key data, built on the host
         key = np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32)
         rep = lambda x: np.broadcast_to(x, (n,) + np.shape(x)).copy()
@@ -675,7 +695,68 @@ class Engine:
             stop_seqs=rep(seqs), stop_lens=rep(lens),
             max_new_tokens=np.full((n,), request.max_new_tokens, np.int32),
             want_top=np.full((n,), request.top_logprobs > 0, bool),
+            **self._extended_rows(fn, sp, n),
         )
+
+    def _seq_table(self, fn: str, name: str, seqs: Any, count: int, length: int, count_arg: str,
+                   length_arg: str) -> tuple[np.ndarray, np.ndarray]:
+        """Token sequences as one slot's right-aligned table int32[count, length] and lengths
+        [count] (0: unused), checked against the engine's capacities and the vocabulary."""
+        table, lens = np.zeros((count, length), np.int32), np.zeros((count,), np.int32)
+        seqs = seqs or ()
+        if len(seqs) > count:
+            raise ValueError(f"{fn}: `{name}` has {len(seqs)} sequences; this engine allows at most {count} "
+                             f"(Engine({count_arg}=...)).")
+        for j, seq in enumerate(seqs):
+            if len(seq) > length:
+                raise ValueError(f"{fn}: `{name}[{j}]` has {len(seq)} tokens; this engine allows at most {length} "
+                                 f"(Engine({length_arg}=...)).")
+            for t in seq:
+                V.check_token_id(fn, f"{name}[{j}]", t, self.vocab)
+            table[j, length - len(seq):] = seq
+            lens[j] = len(seq)
+        return table, lens
+
+    def _extended_rows(self, fn: str, sp: SamplingParams, n: int) -> dict:
+        """The issue-13 fields of ``sp`` as n rows of :class:`RowSettings` (``extra``,
+        ``rules``, ``heavy``); every table at the engine's fixed capacity, so no value changes
+        a shape."""
+        vocab, ml = self.vocab, self.max_word_len
+
+        def scalar(name, dtype):
+            value = getattr(sp, name)
+            if np.ndim(value) != 0:
+                raise ValueError(f"{fn}: `{name}` must be a scalar per request, got shape {np.shape(value)}.")
+            return np.full((n,), value, dtype)
+
+        def mask(name):  # bool[V]: the field's token ids
+            out = np.zeros((vocab,), bool)
+            for t in getattr(sp, name) or ():
+                out[V.check_token_id(fn, name, t, vocab)] = True
+            return out
+
+        rep = lambda x: np.broadcast_to(x, (n,) + np.shape(x)).copy()
+        extra = ExtraKnobs(**{name: scalar(name, spec["dtype"]) for name, spec in _EXTRA_SPECS.items()})
+        breakers = self._seq_table(fn, "dry_sequence_breakers", sp.dry_sequence_breakers, self.max_dry_breakers, ml,
+                                   "max_dry_breakers", "max_word_len")
+        bad = self._seq_table(fn, "bad_words", sp.bad_words, self.max_bad_words, ml, "max_bad_words", "max_word_len")
+        pairs = sp.sequence_bias or ()
+        table, lens = self._seq_table(fn, "sequence_bias", [q for q, _ in pairs], self.max_sequence_bias, ml,
+                                      "max_sequence_bias", "max_word_len")
+        values = np.zeros((self.max_sequence_bias,), np.float32)
+        values[:len(pairs)] = [float(v) for _, v in pairs]
+        decay = sp.exponential_decay_length_penalty or (0, 1.0)  # factor 1: EOS logits unchanged
+        allowed = np.ones((vocab,), bool) if sp.allowed_token_ids is None else mask("allowed_token_ids")
+        rules = SamplingRules(
+            penalty_last_n=scalar("penalty_last_n", np.int32), dry_multiplier=scalar("dry_multiplier", np.float32),
+            dry_base=scalar("dry_base", np.float32), dry_allowed_length=scalar("dry_allowed_length", np.int32),
+            dry_penalty_last_n=scalar("dry_penalty_last_n", np.int32), dry_breakers=(rep(breakers[0]), rep(breakers[1])),
+            no_repeat_ngram_size=scalar("no_repeat_ngram_size", np.int32), bad_words=(rep(bad[0]), rep(bad[1])),
+            sequence_bias=(rep(table), rep(lens), rep(values)), allowed=rep(allowed),
+            suppress=rep(mask("suppress_tokens")), begin_suppress=rep(mask("begin_suppress_tokens")),
+            decay=(np.full((n,), decay[0], np.int32), np.full((n,), decay[1], np.float32)),
+        )
+        return dict(extra=extra, rules=rules, heavy=np.full((n,), uses_extended(sp), bool))
 
     # -- the three compiled steps -----------------------------------------------------
 
@@ -694,6 +775,7 @@ class Engine:
             stop_seqs=jnp.zeros((s, self.max_stop_sequences, self.max_stop_len), jnp.int32),
             stop_lens=jnp.zeros((s, self.max_stop_sequences), jnp.int32),
             max_new_tokens=zeros(jnp.int32), want_top=zeros(bool),
+            **jax.tree.map(jnp.asarray, self._extended_rows(_FN, SamplingParams(), s)),
         )
         q, k = C.STATE_BUCKETS[0], C.CLASS_BUCKETS[0]  # the smallest capacity; grows on demand
         cons = SlotConstraints(jnp.zeros((s, v), jnp.int32), jnp.full((s, q, k), -1, jnp.int32), zeros(bool),
@@ -701,7 +783,7 @@ class Engine:
         stops = SlotStops(jnp.zeros((s, v), jnp.int32),
                           jnp.zeros((s, STOP_STATE_BUCKETS[0], STOP_CLASS_BUCKETS[0]), jnp.int32), zeros(jnp.int32))
         return DecodeState(self.model.init_cache(s, w), jnp.zeros((s, v), jnp.float32), ctx,
-                           jnp.full((s,), STOPPED, jnp.int32), rows, cons, stops)
+                           jnp.full((s,), STOPPED, jnp.int32), rows, cons, stops, zeros(jnp.float32))
 
     def prefill(self, request: Request, reuse: tuple[DecodeState, int] | None = None) -> Prefix:
         """Runs one request's prompt (checked first; batch 1, padded to a prompt bucket).
@@ -821,6 +903,7 @@ class Engine:
         class_of, table, on = self._constraint_row(prefix.constraint, state.constraint.table.shape[1:])
         state = self.fit_stops(state, prefix.stop_table)
         stop_cls, stop_tab = self._stop_row(prefix.stop_table, state.stops.table.shape[1:])
+        self._heavy[slot] = bool(row.heavy[0])
         return _insert_jit(self._cfg, state, prefix.cache, prefix.logits, prefix.context, row, class_of, table, on,
                            stop_cls, stop_tab, np.int32(choice), np.int32(slot))
 
@@ -877,8 +960,15 @@ class Engine:
         return class_of, table, np.ones((1,), bool)
 
     def decode(self, state: DecodeState) -> tuple[DecodeState, ChunkOutput]:
-        """Advances every running slot ``chunk_size`` tokens (donates ``state``)."""
-        return _decode_jit(self._cfg, self._arrays, self._pad, state)
+        """Advances every running slot ``chunk_size`` tokens (donates ``state``).
+
+        A chunk in which some running slot uses an issue-13 knob runs the program with the
+        extended branch (compiled the first time: one more program for the engine's life); any
+        other chunk runs the plain one. Choosing reads ``state.reason`` (a wait for the previous
+        chunk, which the loop has fetched already)."""
+        running = np.asarray(state.reason) == RUNNING
+        cfg = self._cfg._replace(extended=True) if bool((self._heavy & running).any()) else self._cfg
+        return _decode_jit(cfg, self._arrays, self._pad, state)
 
     def release(self, state: DecodeState, slot: int) -> DecodeState:
         """Stops ``slot`` now (a cancelled request): it generates nothing more."""

@@ -49,10 +49,9 @@ from . import _stop
 from . import _validate as V
 from ._compilation import bucket
 from ._model import CachedModel
-from ._processors import DecodeContext, LogitsProcessor, apply_frequency_presence_penalty, apply_repetition_penalty
-from ._processors import apply_rules, penalty_history, rules_active, stop_sequence_match
+from ._processors import DecodeContext, LogitsProcessor, process_logits, rules_active, stop_sequence_match
 from ._processors import chain as _chain
-from ._sampling import draw, draw_extended, extended_rows
+from ._sampling import draw_step, extended_rows
 from ._settings import UNSET, SamplingParams
 from ._speculative import speculative_generate
 
@@ -256,19 +255,9 @@ def _process_logits(cfg: _Config, sp: S.Resolved, raw: jax.Array, ctx: DecodeCon
     sequence bias, length penalty, n-gram / bad-word / allowed / suppress bans), EOS ban and
     user processors. Returns (logits, proc_state). ``full=False`` (static) leaves out the
     per-row traced rules (penalty window, DRY, n-grams): the step takes it when no row uses them."""
-    if full:
-        seen, counts = penalty_history(ctx, sp.rules.penalty_last_n)
-    else:
-        seen, counts = ctx.prompt_mask | (ctx.token_counts > 0), ctx.token_counts
-    l = apply_repetition_penalty(raw, seen, sp.repetition_penalty)
-    l = apply_frequency_presence_penalty(l, counts, sp.frequency_penalty, sp.presence_penalty)
-    if sp.logit_bias is not None:
-        l = l + sp.logit_bias
-    l = apply_rules(l, ctx, sp.rules, sp.eos_ids, traced_rules=full)
-    if sp.eos_ids is not None:
-        eos_mask = jnp.zeros((cfg.vocab,), bool).at[sp.eos_ids].set(True, mode="drop")
-        early = (ctx.step < sp.min_new_tokens)[:, None]
-        l = jnp.where(early & eos_mask[None, :], -jnp.inf, l)
+    l = process_logits(raw, ctx, repetition_penalty=sp.repetition_penalty, frequency_penalty=sp.frequency_penalty,
+                       presence_penalty=sp.presence_penalty, logit_bias=sp.logit_bias, eos_ids=sp.eos_ids,
+                       min_new_tokens=sp.min_new_tokens, rules=sp.rules, full=full)
     if cfg.processors is not None:
         l, proc_state = _processor(cfg).update(l, proc_state, ctx)
         l = l.astype(jnp.float32)
@@ -295,12 +284,7 @@ def _step(cfg: _Config, model, tr: _Traced, state: LoopState, i: jax.Array):
         if tr.constraint is not None:  # last: the draw renormalises over the allowed tokens
             logits, c_state = C.apply(tr.constraint, logits, c_state, ctx)
         step_keys = jax.vmap(lambda k: jax.random.fold_in(k, i))(tr.keys)
-        u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
-        if full:
-            u_xtc = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32))(step_keys)
-            ids, lp, mu = draw_extended(u, u_xtc, logits, sp.knobs, sp.extra, mu)
-        else:
-            ids, lp = draw(u, logits, sp.knobs)
+        ids, lp, mu = draw_step(step_keys, logits, sp.knobs, sp.extra if full else None, mu)
         raw_all = jax.nn.log_softmax(raw, axis=-1)
         raw_lp = jnp.take_along_axis(raw_all, ids[:, None], axis=1)[:, 0]
         top = ()

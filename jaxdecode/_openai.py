@@ -15,7 +15,8 @@ batch mode (``jaxdecode batch``, :mod:`jaxdecode._batch`):
 
 Where the OpenAI API is silent, this follows vLLM's OpenAI-compatible server (its extra
 sampling fields ``top_k``, ``min_p``, ``repetition_penalty``, ``min_tokens``, ``ignore_eos``,
-``stop_token_ids``; unknown fields are ignored).
+``stop_token_ids``, and every other :class:`jaxdecode.SamplingParams` field by its own name,
+e.g. ``mirostat_tau``, ``dry_multiplier``, ``bad_words``; unknown fields are ignored).
 """
 
 from __future__ import annotations
@@ -24,14 +25,17 @@ import collections
 import dataclasses
 import json
 import math
+import re
 import threading
 import time
+import types
 import uuid
 from typing import Any, Sequence
 
 from . import _structured as C
 from ._engine import Completion, Engine, Request
-from ._settings import SamplingParams
+from ._processors import dry_sequence_breakers
+from ._settings import EXTENDED_FIELDS, SamplingParams
 
 __all__ = ["APIError", "Parsed", "parse", "ChoiceText", "find_stop", "completion_body", "chunk_body",
            "usage_body", "models_body"]
@@ -184,7 +188,40 @@ def response_constraint(body: dict, tokenizer: Any) -> Any:
                        status=501, type="not_implemented") from None
 
 
-def _sampling(body: dict, engine: Engine) -> SamplingParams:
+def _strings_as_ids(body: dict, name: str, tokenizer: Any, encode) -> Any:
+    """``body[name]`` as SamplingParams takes it: token-id lists pass through; a list of strings
+    (vLLM's ``bad_words``, llama.cpp's ``dry_sequence_breakers``) is encoded by ``encode``."""
+    value = body[name]
+    if not (isinstance(value, list) and value and all(isinstance(x, str) for x in value)):
+        return value
+    if tokenizer is None:
+        raise APIError(f"`{name}` as strings needs the server's tokenizer; pass token-id lists.", name)
+    if any(not x for x in value):
+        raise APIError(f"`{name}` strings must not be empty.", name)
+    try:
+        return encode(value)
+    except (ValueError, TypeError) as e:
+        raise APIError(f"`{name}`: {e}", name) from None
+
+
+def _no_bos(tokenizer: Any) -> Any:
+    """``tokenizer`` with ``encode(text)`` never adding BOS (pieces of text, not prompts)."""
+    return types.SimpleNamespace(encode=lambda text: list(tokenizer.encode(text, add_bos=False)))
+
+
+def _bad_word_ids(tokenizer: Any, words: list) -> list:
+    """vLLM's bad words: each word's tokens, alone and after a space (a word mid-sentence is
+    usually one token with its leading space), without duplicates."""
+    out: list = []
+    for w in words:
+        for text in (w, " " + w.lstrip()):
+            ids = _no_bos(tokenizer).encode(text)
+            if ids and ids not in out:
+                out.append(ids)
+    return out
+
+
+def _sampling(body: dict, engine: Engine, tokenizer: Any = None) -> SamplingParams:
     """Every sampling field (OpenAI's, vLLM's extras, and SamplingParams' own names)."""
     vocab = engine.vocab
     top_k = _number(body, "top_k", 0, integer=True, low=-1, allowed="an integer >= -1 (-1 or 0 means off)")
@@ -246,11 +283,29 @@ def _sampling(body: dict, engine: Engine) -> SamplingParams:
         if any(not 0 <= t < vocab for s in seqs for t in s):
             raise APIError(f"`stop_sequences` has a token id outside the vocabulary [0, {vocab}).", "stop_sequences")
         values["stop_sequences"] = seqs
+    for name in EXTENDED_FIELDS:  # the issue-13 knobs by their SamplingParams names (JSON values)
+        if body.get(name) is None:
+            continue
+        if isinstance(body[name], bool):
+            raise APIError(f"`{name}` must be a number or a list, not a boolean; got {body[name]!r}.", name)
+        values[name] = body[name]
+    if body.get("bad_words") is not None:
+        values["bad_words"] = _strings_as_ids(body, "bad_words", tokenizer, lambda w: _bad_word_ids(tokenizer, w))
+    if body.get("dry_sequence_breakers") is not None:
+        values["dry_sequence_breakers"] = _strings_as_ids(body, "dry_sequence_breakers", tokenizer,
+                                                          lambda w: dry_sequence_breakers(_no_bos(tokenizer), w))
     try:
         return SamplingParams(**values)
     except (ValueError, TypeError) as e:  # the library's own check, naming the field
-        name = next((k for k in values if f"`{k}`" in str(e)), None)
-        raise APIError(str(e), name) from None
+        raise APIError(str(e), _field_named(str(e), values)) from None
+
+
+def _field_named(message: str, fields: Any) -> str | None:
+    """The first of ``fields`` a library error message names (```bad_words[0]``` names bad_words)."""
+    for name in re.findall(r"`(\w+)", message):
+        if name in fields:
+            return name
+    return None
 
 
 def _stop_strings(body: dict) -> list[str]:
@@ -382,7 +437,7 @@ def parse(body: Any, kind: str, engine: Engine, tokenizer: Any, model_name: str,
     seed = body.get("seed")
     if seed is not None and (not isinstance(seed, int) or isinstance(seed, bool)):
         raise APIError(f"`seed` must be an integer, got {seed!r}.", "seed")
-    sampling = _sampling(body, engine)
+    sampling = _sampling(body, engine, tokenizer)
     if constraint is not None:
         eos = set(engine.eos_ids if sampling.eos_id is None else sampling.eos_id)
         if not set(constraint.eos_ids) <= eos:
@@ -398,6 +453,10 @@ def parse(body: Any, kind: str, engine: Engine, tokenizer: Any, model_name: str,
             raise APIError(f"`stop`: {e}", "stop") from None
     requests = [Request(ids, max_tokens, sampling, seed=seed, n=n, top_logprobs=logprobs or 0, constraint=constraint)
                 for _, ids in prompts]
+    try:  # the engine's own limits on the per-slot tables (bad_words entries, ...), naming the field
+        engine.row_settings(dataclasses.replace(requests[0], seed=0))
+    except (ValueError, TypeError) as e:
+        raise APIError(str(e), _field_named(str(e), body)) from None
     return Parsed(kind, model_name if model is None else model, requests, [t for t, _ in prompts],
                   stops, stream, include_usage, logprobs, echo, n)
 

@@ -366,7 +366,9 @@ class SamplingRules(NamedTuple):
     V vocabulary); None marks a list-valued rule that is off (static).
 
     Sequence tables are int32[S, M], right-aligned (row s's sequence in its last ``lens[s]``
-    columns), with their lengths int32[S].
+    columns), with their lengths int32[S], shared by every row; or per row (the serving
+    engine's slots): int32[B, S, M] with lengths [B, S] (0: an unused entry) and values [B, S].
+    Token masks are bool[V] (shared) or [B, V] (per row).
     """
 
     penalty_last_n: jax.Array  # int32[B]; 0 = whole history
@@ -406,23 +408,32 @@ def penalty_history(ctx: DecodeContext, last_n: jax.Array) -> tuple[jax.Array, j
     return lax.cond(jnp.any(on), windowed, lambda: (full_seen, ctx.token_counts))
 
 
+def _per_row(table: jax.Array, lens: jax.Array, b: int) -> tuple[jax.Array, jax.Array]:
+    """A sequence table shared by every row ([S, M], lengths [S]) or per row ([B, S, M], [B, S])
+    as the per-row form (a broadcast: no copy of a shared table)."""
+    return jnp.broadcast_to(table, (b,) + table.shape[-2:]), jnp.broadcast_to(lens, (b, table.shape[-2]))
+
+
 def _prefix_match(tokens: jax.Array, lengths: jax.Array, table: jax.Array, lens: jax.Array) -> jax.Array:
     """bool[B, S]: the row's last ``lens[s] - 1`` tokens equal sequence s without its last token
-    (always true for one-token sequences)."""
+    (always true for one-token sequences). ``table`` is [S, M] (shared) or [B, S, M] (per row,
+    lengths [B, S]); an entry of length 0 (a per-row table's padding) never matches."""
     b, total = tokens.shape
-    m = table.shape[1]
+    table, lens = _per_row(table, lens, b)
+    m = table.shape[-1]
     if m == 1:
-        return jnp.ones((b, table.shape[0]), bool)
+        return lens > 0
     cols = jnp.arange(m - 1, dtype=jnp.int32)
     tail = jnp.take_along_axis(tokens, jnp.clip(lengths[:, None] - (m - 1) + cols[None, :], 0, total - 1), axis=1)
-    used = cols[None, :] >= (m - lens)[:, None]  # [S, M - 1]
-    eq = (tail[:, None, :] == table[None, :, :-1]) | ~used[None]
-    return jnp.all(eq, axis=-1) & (lengths[:, None] >= lens[None, :] - 1)
+    used = cols[None, None, :] >= (m - lens)[:, :, None]  # [B, S, M - 1]
+    eq = (tail[:, None, :] == table[:, :, :-1]) | ~used
+    return jnp.all(eq, axis=-1) & (lengths[:, None] >= lens - 1) & (lens > 0)
 
 
 def _scatter_last(table: jax.Array, values: jax.Array, b: int, vocab: int, op: str) -> jax.Array:
-    """[B, V]: ``values`` [B, S] scattered onto each sequence's last token (max or add)."""
-    last = jnp.broadcast_to(jnp.clip(table[:, -1], 0, vocab - 1)[None, :], values.shape)
+    """[B, V]: ``values`` [B, S] scattered onto each sequence's last token (max or add);
+    ``table`` [S, M] or [B, S, M]."""
+    last = jnp.broadcast_to(jnp.clip(table[..., -1], 0, vocab - 1), values.shape)
     rows = jnp.broadcast_to(jnp.arange(b)[:, None], values.shape)
     base = jnp.zeros((b, vocab), values.dtype)
     return base.at[rows, last].max(values) if op == "max" else base.at[rows, last].add(values)
@@ -447,25 +458,26 @@ def dry_penalty(tokens: jax.Array, lengths: jax.Array, multiplier: jax.Array, ba
     slots = jnp.arange(total, dtype=jnp.int32)[None, :]
     in_window = (slots >= start[:, None]) & (slots < lengths[:, None])
     rep_limit = w
-    single = jnp.zeros((vocab,), bool)
+    single = jnp.zeros((b, vocab), bool)
     if breakers is not None:
-        table, lens = breakers
-        s_count, m = table.shape
+        table, lens = _per_row(*breakers, b)  # [B, S, M], [B, S]: shared or per row
+        s_count, m = table.shape[1:]
         # match[b, k, j]: breaker k occurs starting at slot j, wholly inside the window.
         padded = jnp.concatenate([tokens, jnp.zeros((b, m), tokens.dtype)], axis=1)
         best = jnp.full((b, total), -1, jnp.int32)  # the longest breaker starting at j
         for k in range(s_count):
-            seq_len = lens[k]
-            ok = in_window & (slots + seq_len <= lengths[:, None])
+            seq_len = lens[:, k][:, None]  # [B, 1]; 0: a per-row table's unused entry
+            ok = in_window & (slots + seq_len <= lengths[:, None]) & (seq_len > 0)
             for t in range(m):
                 # column m - seq_len + t of the right-aligned table is the breaker's t-th token
-                want = table[k, jnp.clip(m - seq_len + t, 0, m - 1)]
+                want = jnp.take_along_axis(table[:, k], jnp.clip(m - seq_len + t, 0, m - 1), axis=1)
                 ok &= (padded[:, t: t + total] == want) | (t >= seq_len)
             best = jnp.where(ok, jnp.maximum(best, seq_len), best)
         head = jnp.max(jnp.where(best >= 0, slots, -1), axis=-1)  # the latest breaker start
         head_len = jnp.take_along_axis(best, jnp.maximum(head, 0)[:, None], axis=1)[:, 0]
         rep_limit = jnp.where(head >= 0, lengths - head - head_len, w)
-        single = single.at[jnp.where(lens == 1, table[:, -1], vocab)].set(True, mode="drop")
+        rows = jnp.broadcast_to(jnp.arange(b)[:, None], lens.shape)
+        single = single.at[rows, jnp.where(lens == 1, table[..., -1], vocab)].set(True, mode="drop")
     on = (multiplier > 0) & (rep_limit >= allowed_length) & (lengths >= 2)
 
     # len[j] for j in [start, length - 1): grow while x[j - k] == x[length - 1 - k].
@@ -492,7 +504,7 @@ def dry_penalty(tokens: jax.Array, lengths: jax.Array, multiplier: jax.Array, ba
     max_exp = jnp.where(base > 1.000001, jnp.floor(88.7228391 / jnp.log(jnp.maximum(base, 1.000001))), jnp.inf)
     expo = jnp.minimum((longest - allowed_length[:, None]).astype(jnp.float32), max_exp[:, None])
     pen = multiplier[:, None] * jnp.power(base[:, None], expo)
-    return jnp.where((longest >= allowed_length[:, None]) & (longest >= 0) & ~single[None, :], pen, 0.0)
+    return jnp.where((longest >= allowed_length[:, None]) & (longest >= 0) & ~single, pen, 0.0)
 
 
 def rules_active(rules: SamplingRules) -> jax.Array:
@@ -517,14 +529,13 @@ def apply_rules(logits: jax.Array, ctx: DecodeContext, rules: SamplingRules, eos
     if rules.sequence_bias is not None:
         table, lens, values = rules.sequence_bias
         match = _prefix_match(ctx.tokens, ctx.lengths, table, lens)
-        l = l + _scatter_last(table, jnp.where(match, values[None, :], 0.0), b, vocab, "add")
+        l = l + _scatter_last(table, jnp.where(match, values, 0.0), b, vocab, "add")  # values [S] or [B, S]
     if rules.decay is not None and eos_ids is not None:
         # HF: after `start` generated tokens, EOS logits += |logit| * (factor ** (step - start) - 1).
         start, factor = rules.decay
         k = (ctx.step - start).astype(jnp.float32)
         grow = jnp.where(ctx.step > start, jnp.power(factor, k) - 1.0, 0.0)[:, None]
-        eos = jnp.zeros((vocab,), bool).at[eos_ids].set(True, mode="drop")[None, :]
-        l = jnp.where(eos & jnp.isfinite(l), l + jnp.abs(l) * grow, l)
+        l = jnp.where(eos_mask(eos_ids, b, vocab) & jnp.isfinite(l), l + jnp.abs(l) * grow, l)
     ngram_on = rules.no_repeat_ngram_size > 0
     l = l if not traced_rules else lax.cond(jnp.any(ngram_on), lambda: jnp.where(
         ngram_banned(ctx.tokens, ctx.lengths, rules.no_repeat_ngram_size, vocab), -jnp.inf, l), lambda: l)
@@ -533,11 +544,63 @@ def apply_rules(logits: jax.Array, ctx: DecodeContext, rules: SamplingRules, eos
         banned = _scatter_last(table, _prefix_match(ctx.tokens, ctx.lengths, table, lens), b, vocab, "max")
         l = jnp.where(banned, -jnp.inf, l)
     if rules.allowed is not None:
-        l = jnp.where(rules.allowed[None, :], l, -jnp.inf)
+        l = jnp.where(_row_mask(rules.allowed), l, -jnp.inf)
     if rules.suppress is not None:
-        l = jnp.where(rules.suppress[None, :], -jnp.inf, l)
+        l = jnp.where(_row_mask(rules.suppress), -jnp.inf, l)
     if rules.begin_suppress is not None:
-        l = jnp.where(rules.begin_suppress[None, :] & (ctx.step == 0)[:, None], -jnp.inf, l)
+        l = jnp.where(_row_mask(rules.begin_suppress) & (ctx.step == 0)[:, None], -jnp.inf, l)
+    return l
+
+
+def _row_mask(mask: jax.Array) -> jax.Array:
+    """A token mask shared by every row (bool[V]) or per row ([B, V]), against [B, V] logits."""
+    return mask[None, :] if mask.ndim == 1 else mask
+
+
+def eos_mask(eos_ids: jax.Array, b: int, vocab: int) -> jax.Array:
+    """bool[1, V] or [B, V]: the EOS ids ``int32[E]`` (shared) or ``[B, E]`` (per row) as a
+    mask; ids outside ``[0, V)`` (a per-row table's padding) mark nothing."""
+    if eos_ids.ndim == 1:
+        return jnp.zeros((vocab,), bool).at[eos_ids].set(True, mode="drop")[None, :]
+    return jnp.zeros((b, vocab), bool).at[jnp.arange(b)[:, None], eos_ids].set(True, mode="drop")
+
+
+def process_logits(raw: jax.Array, ctx: DecodeContext, *, repetition_penalty: Any, frequency_penalty: Any,
+                   presence_penalty: Any, logit_bias: Any, eos_ids: Any, min_new_tokens: Any,
+                   rules: SamplingRules | None = None, full: bool = True) -> jax.Array:
+    """The built-in logits processing of one decode step, in vLLM's order: repetition penalty
+    (prompt + generated tokens) -> frequency / presence penalties (generated tokens; both over
+    the last ``rules.penalty_last_n`` tokens where set) -> logit bias -> :func:`apply_rules`
+    -> the EOS ban before ``min_new_tokens``.
+
+    The one implementation for :func:`jaxdecode.generate`'s step and the serving engine's.
+    Every knob is a scalar or per row ([B]); ``logit_bias`` is None, [V] or [B, V];
+    ``eos_ids`` None, int32[E] or [B, E] (ids >= V unused); ``rules`` is None (no history
+    rules at all) or a :class:`SamplingRules` whose tables are shared or per row.
+    ``full=False`` (static) leaves out the per-row traced rules (penalty window, DRY, n-grams);
+    the decoders take it when no row uses them.
+
+    Example:
+      >>> import jax.numpy as jnp, jaxdecode
+      >>> from jaxdecode._processors import process_logits
+      >>> ctx = jaxdecode.DecodeContext.from_prompt(jnp.array([[2]]), vocab_size=4)
+      >>> process_logits(jnp.array([[1.0, 1.0, 2.0, 1.0]]), ctx, repetition_penalty=2.0, frequency_penalty=0.0,
+      ...                presence_penalty=0.0, logit_bias=None, eos_ids=jnp.array([3]), min_new_tokens=1).tolist()
+      [[1.0, 1.0, 1.0, -inf]]
+    """
+    if full and rules is not None:
+        seen, counts = penalty_history(ctx, rules.penalty_last_n)
+    else:
+        seen, counts = ctx.prompt_mask | (ctx.token_counts > 0), ctx.token_counts
+    l = apply_repetition_penalty(raw, seen, repetition_penalty)
+    l = apply_frequency_presence_penalty(l, counts, frequency_penalty, presence_penalty)
+    if logit_bias is not None:
+        l = l + logit_bias
+    if rules is not None:
+        l = apply_rules(l, ctx, rules, eos_ids, traced_rules=full)
+    if eos_ids is not None:
+        early = (ctx.step < min_new_tokens)[:, None]
+        l = jnp.where(early & eos_mask(eos_ids, l.shape[0], l.shape[1]), -jnp.inf, l)
     return l
 
 

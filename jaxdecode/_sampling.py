@@ -668,6 +668,40 @@ def draw_extended(u: jax.Array, u_xtc: jax.Array, logits: jax.Array, knobs: Samp
     return ids, lp, jnp.where(miro, new_mu, mu)
 
 
+def draw_step(step_keys: jax.Array, logits: jax.Array, knobs: SamplingKnobs, ex: ExtraKnobs | None = None,
+              mu: jax.Array | None = None):
+    """One decode step's draw from per-row step keys: the one key scheme of
+    :func:`jaxdecode.generate` and the serving engine.
+
+    Row r's uniform is ``uniform(step_keys[r])`` (the decoders pass ``fold_in(row_key, step)``);
+    with the extended knobs (``ex`` not None) XTC's coin is ``uniform(fold_in(step_keys[r], 1))``
+    and the draw is :func:`draw_extended`, otherwise :func:`draw`.
+
+    Args:
+      step_keys: key[N], one PRNG key per row for this step.
+      logits, knobs: as :func:`draw`.
+      ex: :class:`ExtraKnobs` ([N] each), or None (static) for the plain draw.
+      mu: float32[N], mirostat's mu per row (with ``ex``; returned unchanged without).
+
+    Returns:
+      (ids int32[N], logprobs float32[N], mu): ``mu`` updated as :func:`draw_extended` does.
+
+    Example:
+      >>> import jax, jax.numpy as jnp
+      >>> from jaxdecode._sampling import SamplingKnobs, draw_step
+      >>> knobs = SamplingKnobs(jnp.zeros(1), jnp.zeros(1, jnp.int32), jnp.ones(1), jnp.zeros(1), jnp.ones(1))
+      >>> ids, lp, _ = draw_step(jax.random.split(jax.random.key(0), 1), jnp.array([[0.0, 3.0, 1.0]]), knobs)
+      >>> ids.tolist()
+      [1]
+    """
+    u = jax.vmap(lambda k: jax.random.uniform(k, (), jnp.float32))(step_keys)
+    if ex is None:
+        ids, lp = draw(u, logits, knobs)
+        return ids, lp, mu
+    u_xtc = jax.vmap(lambda k: jax.random.uniform(jax.random.fold_in(k, 1), (), jnp.float32))(step_keys)
+    return draw_extended(u, u_xtc, logits, knobs, ex, mu)
+
+
 # ---------------------------------------------------------------------------------------
 # Public API
 

@@ -387,6 +387,24 @@ def uses_traced_rules(p: SamplingParams) -> bool:
     return False
 
 
+# The fields added by issue 13 (top_n_sigma ... begin_suppress_tokens): the extended
+# truncations, mirostat, DRY, the penalty window and the history rules.
+EXTENDED_FIELDS: tuple[str, ...] = FIELDS[FIELDS.index("top_n_sigma"):]
+
+
+def uses_extended(p: SamplingParams) -> bool:
+    """Whether any field of :data:`EXTENDED_FIELDS` is away from its default (the serving
+    engine's slot then takes its extended decode branch).
+
+    Example:
+      >>> import jaxdecode
+      >>> from jaxdecode._settings import uses_extended
+      >>> uses_extended(jaxdecode.SamplingParams(top_k=5)), uses_extended(jaxdecode.SamplingParams(bad_words=[[3]]))
+      (False, True)
+    """
+    return any(not _is_default(name, getattr(p, name)) for name in EXTENDED_FIELDS)
+
+
 def check_supported(fn: str, p: SamplingParams, supported: tuple[str, ...], where: str) -> None:
     """A ValueError for every field not in ``supported`` that is not at its default."""
     for name in FIELDS:

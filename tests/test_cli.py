@@ -431,13 +431,9 @@ def test_chat_context_size_and_engine_fallbacks(chat_model, capsys, monkeypatch)
     assert code == 2 and "--ctx-size sizes the interactive chat's KV cache" in err
     # What the engine cannot do runs the chat through generate_stream (whole history each turn).
     args = _cli.build_parser().parse_args(["-i", "--num-samples", "2"])
-    assert _cli._chat_engine_refusal(jaxdecode.SamplingParams(), args) == "--num-samples"
+    assert _cli._chat_engine_refusal(args) == "--num-samples"
     args = _cli.build_parser().parse_args(["-i"])
-    assert _cli._chat_engine_refusal(jaxdecode.SamplingParams(temperature=0.5, stop=["x"]), args) is None
-    from jaxdecode._engine import ENGINE_FIELDS
-
-    if "top_n_sigma" not in ENGINE_FIELDS:  # an issue-13 knob, while the engine lacks it
-        assert "`top_n_sigma`" in _cli._chat_engine_refusal(jaxdecode.SamplingParams(top_n_sigma=1.0), args)
+    assert _cli._chat_engine_refusal(args) is None  # every sampling knob runs on the engine
     monkeypatch.setattr(sys, "stdin", io.StringIO("hi\nhello\n"))
     code, out, err = run(capsys, "-i", "-m", chat_model, "-n", "4", "--num-samples", "2")
     assert code == 0 and "reused" not in err and err.count("first token") == 2

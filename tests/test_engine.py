@@ -227,6 +227,32 @@ def test_real_model_seeded_request_alone_equals_among_15_concurrent():
     assert under.tokens == alone.tokens and under.logprobs == alone.logprobs
 
 
+@pytest.mark.slow
+def test_real_model_issue13_knobs_equal_generate():
+    """SmolLM2-135M: requests with issue-13 knobs (greedy with n-gram / bad-word / DRY rules;
+    seeded with mirostat, XTC and a penalty window) in a 4-slot engine next to a plain one
+    give generate's tokens for the same row key."""
+    model, tok = jaxdecode.models.load()
+    engine = Engine(model, slots=4, max_seq_len=128, chunk_size=8)
+    bad = [tok.encode(" Paris", add_bos=False)]
+    reqs = [
+        Request(tok.encode("The capital of France is"), 20, jaxdecode.SamplingParams(
+            temperature=0.0, no_repeat_ngram_size=2, bad_words=bad, dry_multiplier=0.8, eos_id=()), seed=0),
+        Request(tok.encode("Once upon a time"), 20, jaxdecode.SamplingParams(
+            temperature=0.9, mirostat_tau=4.0, xtc_probability=0.5, xtc_threshold=0.1, penalty_last_n=8,
+            repetition_penalty=1.3, eos_id=()), seed=7),
+        Request(tok.encode("Hello"), 20, jaxdecode.SamplingParams(temperature=0.7, top_k=20, eos_id=()), seed=3),
+    ]
+    handles = EngineLoop(engine).run(reqs)
+    for req, h in zip(reqs, handles):
+        key = jax.random.fold_in(seed_key(req.seed), 0)[None]
+        out = jaxdecode.generate(model, jnp.asarray([req.prompt]), req.max_new_tokens, key=key, sampling=req.sampling)
+        p = len(req.prompt)
+        assert h.choices[0].tokens == out.tokens[0, p:p + req.max_new_tokens].tolist(), req.sampling
+    if len(bad[0]) == 1:  # " Paris" is one token in SmolLM2's vocabulary: never generated
+        assert bad[0][0] not in handles[0].choices[0].tokens
+
+
 def test_engine_layering():
     """The engine sits beside generate (floor 4: per-step maths and model handling only); the
     front ends (_openai, _server, _batch, _cli) sit on top of it and nothing below imports them."""
@@ -396,20 +422,6 @@ def test_new_stop_lists_insert_without_recompiling():
     assert all(c.finish_reason in ("stop", "length") for h in handles for c in h.choices)
 
 
-def test_issue13_samplers_are_refused_not_ignored():
-    """The slot engine does not apply the newer samplers yet: setting one is an error naming it."""
-    import jaxdecode
-    from jaxdecode._engine import ENGINE_FIELDS, Engine, Request
-    from jaxdecode._settings import FIELDS
-
-    assert set(ENGINE_FIELDS) < set(FIELDS)
-    eng = ENGINE4
-    for knob, value in (("xtc_probability", 0.5), ("dry_multiplier", 0.8), ("mirostat_tau", 5.0),
-                        ("bad_words", [[1, 2]])):
-        with pytest.raises(ValueError, match=f"`{knob}` is not supported by the serving engine"):
-            eng.prefill(Request([1, 2], max_new_tokens=3, sampling=jaxdecode.SamplingParams(**{knob: value})))
-
-
 # ---------------------------------------------------------------------------------------
 # Prefill continuing a slot's cache (prefill(request, reuse=(state, slot)))
 
@@ -565,3 +577,133 @@ def test_real_model_three_turn_chat_reusing_the_cache_equals_fresh_prefills():
             new = len(ids) - prefix.reused
             assert prefix.reused > 0.6 * len(ids) and new <= len(tok.encode(message)) + 12, (prefix.reused, len(ids))
         history.append({"role": "assistant", "content": tok.decode(got, skip_special_tokens=True)})
+# ---------------------------------------------------------------------------------------
+# The issue-13 knobs per slot: the same tokens as generate, reproducible, one compilation
+
+# Every issue-13 knob family, a few per request (each request is also run through generate).
+HEAVY = {
+    "truncations": jaxdecode.SamplingParams(temperature=1.1, top_n_sigma=1.5, epsilon_cutoff=0.01, min_tokens_to_keep=3,
+                                            top_k=2, dynatemp_range=0.4, dynatemp_exponent=1.5, eos_id=()),
+    "eta_xtc": jaxdecode.SamplingParams(temperature=1.0, eta_cutoff=0.02, xtc_probability=0.7, xtc_threshold=0.05,
+                                        eos_id=()),
+    "mirostat_dry": jaxdecode.SamplingParams(temperature=1.0, mirostat_tau=3.0, mirostat_eta=0.2, dry_multiplier=0.8,
+                                             dry_base=1.5, dry_allowed_length=1, dry_penalty_last_n=20,
+                                             dry_sequence_breakers=[[5], [6, 7]], eos_id=()),
+    "penalty_window": jaxdecode.SamplingParams(temperature=0.8, repetition_penalty=1.6, frequency_penalty=0.7,
+                                               presence_penalty=0.2, penalty_last_n=4, eos_id=()),
+    "bans": jaxdecode.SamplingParams(temperature=1.3, no_repeat_ngram_size=2, bad_words=[[1, 2], [3], [4, 5, 6]],
+                                     suppress_tokens=[8, 9], begin_suppress_tokens=[10, 11, 12], eos_id=()),
+    "allowed_bias_decay": jaxdecode.SamplingParams(
+        temperature=1.0, allowed_token_ids=[0, 2, 3, 5, 7, 11, 13, 17, 19, 23], sequence_bias=[[[2, 3], 4.0], [[7], -3.0]],
+        exponential_decay_length_penalty=(3, 1.6), eos_id=[5]),
+    "greedy_rules": jaxdecode.SamplingParams(temperature=0.0, no_repeat_ngram_size=1, dry_multiplier=2.0,
+                                             bad_words=[[4]], eos_id=()),
+}
+
+
+def test_every_knob_family_equals_generate_among_plain_rows():
+    reqs = []
+    for i, (name, sp) in enumerate(HEAVY.items()):
+        reqs.append(Request([3 + i, 1, 4 + i], 20, sp, seed=100 + i, n=2 if name == "mirostat_dry" else 1))
+        reqs.append(REQUESTS[i % len(REQUESTS)])  # a plain row beside it
+    handles = EngineLoop(ENGINE4).run(reqs)
+    for req, h in zip(reqs, handles):
+        for j, c in enumerate(h.choices):
+            toks, lps = _generate(req, j)
+            assert c.tokens == toks, (req.sampling, c.tokens, toks)
+            np.testing.assert_allclose(c.logprobs, lps, rtol=0, atol=1e-6)
+    got = {name: handles[2 * i].choices for i, name in enumerate(HEAVY)}
+    # The rules did act (their semantics are tested against generate's references elsewhere).
+    bans = got["bans"][0].tokens
+    assert not {3, 8, 9} & set(bans) and bans[0] not in (10, 11, 12)
+    seq = list(reqs[8].prompt) + bans
+    bigrams = list(zip(seq, seq[1:]))
+    assert len(set(bigrams)) == len(bigrams)  # no_repeat_ngram_size=2
+    p = len(reqs[8].prompt)
+    assert (1, 2) not in bigrams[p - 1:]  # the bad words [1, 2] and [4, 5, 6], from the first generated token
+    assert (4, 5, 6) not in list(zip(seq, seq[1:], seq[2:]))[p - 2:]
+    assert set(got["allowed_bias_decay"][0].tokens) <= {0, 2, 3, 5, 7, 11, 13, 17, 19, 23}
+    greedy = got["greedy_rules"][0].tokens
+    assert len(set(greedy)) == len(greedy) and 4 not in greedy  # no_repeat_ngram_size=1: no token twice
+    assert got["mirostat_dry"][0].tokens != got["mirostat_dry"][1].tokens  # two choices, two keys
+
+
+def test_heavy_seeded_request_alone_equals_among_15_concurrent():
+    """Mirostat + DRY + XTC in one request among plain ones (and a plain one among heavy
+    ones): each gets the same tokens alone as under load, whichever branch the step took."""
+    heavy = Request([5, 6, 7], 24, jaxdecode.SamplingParams(
+        temperature=1.0, mirostat_tau=2.5, dry_multiplier=0.8, dry_allowed_length=1, xtc_probability=0.6,
+        xtc_threshold=0.05, bad_words=[[2, 3]], eos_id=()), seed=77)
+    plain = Request([9, 9], 24, jaxdecode.SamplingParams(temperature=1.0, top_p=0.95, eos_id=()), seed=1234)
+    fresh = _engine(slots=16)
+    plain_alone = EngineLoop(fresh).run([plain])[0].choices[0]  # the plain decode program
+    heavy_alone = EngineLoop(fresh).run([heavy])[0].choices[0]
+    rng = np.random.default_rng(5)
+    others = []
+    for i in range(14):
+        sp = jaxdecode.SamplingParams(temperature=float(rng.uniform(0.3, 1.5)), top_k=int(rng.integers(0, 8)),
+                                      eos_id=[int(rng.integers(V))])
+        if i % 3 == 0:  # some neighbours use issue-13 knobs too, with other values
+            sp = sp.replace(mirostat_tau=float(rng.uniform(1, 4)), dry_multiplier=0.5, no_repeat_ngram_size=3,
+                            suppress_tokens=[int(rng.integers(V))])
+        others.append(Request(rng.integers(0, V, size=int(rng.integers(1, 30))).tolist(), int(rng.integers(5, 20)), sp,
+                              seed=int(rng.integers(1 << 30))))
+    handles = EngineLoop(fresh).run(others[:5] + [heavy] + others[5:11] + [plain] + others[11:])
+    for h, alone in ((handles[5], heavy_alone), (handles[12], plain_alone)):
+        under = h.choices[0]
+        assert under.tokens == alone.tokens and len(alone.tokens) == 24
+        assert under.logprobs == alone.logprobs and under.sampled_logprobs == alone.sampled_logprobs
+    assert heavy_alone.tokens == _generate(heavy)[0] and plain_alone.tokens == _generate(plain)[0]
+
+
+def test_issue13_knobs_cost_one_compilation_for_the_engines_life():
+    engine = _engine(slots=3, chunk=5)
+    compiles = []
+    jax.monitoring.register_event_duration_secs_listener(
+        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    loop = EngineLoop(engine)
+    loop.run([Request([1] * p, 2, jaxdecode.SamplingParams(temperature=0.0), seed=0) for p in (3, 20, 40)])
+    before, programs = len(compiles), engine.compiled_count()
+    rng = np.random.default_rng(2)
+    stream = []
+    for i in range(12):
+        seqs = lambda k: [rng.integers(0, V, size=int(rng.integers(1, 4))).tolist() for _ in range(k)]
+        sp = jaxdecode.SamplingParams(
+            temperature=float(rng.uniform(0, 1.5)), top_n_sigma=float(rng.choice([0, 1.0])),
+            xtc_probability=float(rng.uniform(0, 1)), mirostat_tau=float(rng.choice([0, 3.0])),
+            dry_multiplier=float(rng.choice([0, 0.8])), dry_sequence_breakers=seqs(int(rng.integers(0, 3))) or None,
+            penalty_last_n=int(rng.integers(0, 8)), no_repeat_ngram_size=int(rng.integers(0, 3)),
+            bad_words=seqs(int(rng.integers(0, 4))) or None, sequence_bias=[[s, 1.5] for s in seqs(int(rng.integers(0, 3)))] or None,
+            allowed_token_ids=rng.integers(0, V, size=12).tolist() if i % 4 == 1 else None,
+            suppress_tokens=[int(rng.integers(V))] if i % 2 else None,
+            begin_suppress_tokens=[int(rng.integers(V))] if i % 3 else None,
+            exponential_decay_length_penalty=(int(rng.integers(0, 5)), 1.2) if i % 5 == 0 else None)
+        stream.append(Request(rng.integers(0, V, size=int(rng.integers(1, 40))).tolist(), int(rng.integers(1, 20)), sp,
+                              seed=i, n=int(rng.integers(1, 3))))
+    handles = loop.run(stream)
+    assert all(c.finish_reason in ("stop", "length") for h in handles for c in h.choices)
+    assert len(compiles) == before + 1, f"{len(compiles) - before} new compilations (want 1: the extended decode)"
+    assert engine.compiled_count() == programs + 1
+    # Plain requests after it run the plain program again: still nothing new.
+    loop.run([Request([2, 3], 6, jaxdecode.SamplingParams(temperature=0.5), seed=1)])
+    assert len(compiles) == before + 1
+
+
+def test_issue13_capacities_and_values_are_checked_naming_the_field():
+    engine = Engine(TRIGRAM, slots=2, max_seq_len=W, max_bad_words=2, max_sequence_bias=1, max_dry_breakers=1,
+                    max_word_len=3)
+    cases = [
+        (dict(bad_words=[[1], [2], [3]]), r"`bad_words` has 3 sequences; this engine allows at most 2 \(Engine\(max_bad_words"),
+        (dict(bad_words=[[1, 2, 3, 4]]), r"`bad_words\[0\]` has 4 tokens; this engine allows at most 3 \(Engine\(max_word_len"),
+        (dict(sequence_bias=[[[1], 1.0], [[2], 1.0]]), r"`sequence_bias` has 2 sequences; this engine allows at most 1"),
+        (dict(dry_sequence_breakers=[[1], [2]]), r"`dry_sequence_breakers` has 2 sequences"),
+        (dict(bad_words=[[40]]), r"`bad_words\[0\]` must be a token id in \[0, 32\)"),
+        (dict(suppress_tokens=[32]), r"`suppress_tokens` must be a token id in \[0, 32\)"),
+        (dict(allowed_token_ids=[1, 99]), r"`allowed_token_ids` must be a token id in \[0, 32\)"),
+        (dict(mirostat_tau=np.array([1.0, 2.0])), r"`mirostat_tau` must be a scalar per request"),
+    ]
+    for fields, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.prefill(Request([1, 2], 3, jaxdecode.SamplingParams(**fields), seed=0))
+    with pytest.raises(ValueError, match=r"`max_bad_words` must be >= 1"):
+        Engine(TRIGRAM, slots=2, max_seq_len=W, max_bad_words=0)

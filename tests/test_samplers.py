@@ -295,6 +295,70 @@ def test_rules_match_the_reference_on_random_histories(np_rng):
     np.testing.assert_allclose(got, want, rtol=1e-6)
 
 
+def _pad_table(table, lens, count, width):
+    """A shared right-aligned table [S, M] (lengths [S]) as one row of a per-row table
+    [count, width]: columns padded on the left, unused entries of length 0."""
+    out, n = np.zeros((count, width), np.int32), np.zeros((count,), np.int32)
+    if table is not None:
+        t = np.asarray(table)
+        out[: t.shape[0], width - t.shape[1]:] = t
+        n[: t.shape[0]] = np.asarray(lens)
+    return out, n
+
+
+def test_rules_with_per_row_tables_equal_each_rows_shared_tables(np_rng):
+    """apply_rules with per-row tables ([B, S, M], bool[B, V] masks: the serving engine's slots)
+    gives each row what the row's own shared tables give it."""
+    b, v, total = 4, 9, 30
+    toks, lengths = _random_context(np_rng, b, v, total, (3, total))
+    toks[:, 12:20] = toks[:, 2:10]
+    logits = _random_logits(np_rng, b, v)
+    rows = [
+        dict(bad_words=[[2], [1, 4]], sequence_bias=[[[6], 1.5]], dry_multiplier=0.8, dry_sequence_breakers=[[3]],
+             suppress_tokens=[5], allowed_token_ids=[0, 1, 2, 3, 4, 5, 6]),
+        dict(sequence_bias=[[[0, 2], -2.0], [[4, 4, 1], 3.0]], no_repeat_ngram_size=2, begin_suppress_tokens=[1, 7]),
+        dict(dry_multiplier=1.5, dry_base=1.3, dry_allowed_length=1, dry_sequence_breakers=[[5, 6], [8]],
+             bad_words=[[3, 3, 5]], exponential_decay_length_penalty=(0, 1.5)),
+        dict(),
+    ]
+    s_cap, m_cap, eos = 3, 4, np.array([[8, v]] * b, np.int32)  # per-row EOS ids; v: padding
+    want, per_row = [], []
+    for r, fields in enumerate(rows):
+        ctx = jaxdecode.DecodeContext.from_prompt(jnp.asarray(toks[r:r + 1]), v, jnp.asarray(lengths[r:r + 1]))
+        want.append(_rules_step(logits[r:r + 1], ctx, v, eos=[8], **fields)[0])
+        per_row.append(jaxdecode._settings.resolve("test", jaxdecode.SamplingParams(**fields), 1, v, ()).rules)
+    stack = lambda xs: jnp.asarray(np.concatenate([np.asarray(x) for x in xs]))
+
+    def tables(name, with_values=False):
+        got = [getattr(rr, name) for rr in per_row]
+        padded = [_pad_table(*(g[:2] if g is not None else (None, None)), s_cap, m_cap) for g in got]
+        out = (jnp.asarray(np.stack([t for t, _ in padded])), jnp.asarray(np.stack([n for _, n in padded])))
+        if with_values:
+            vals = np.zeros((b, s_cap), np.float32)
+            for r, g in enumerate(got):
+                if g is not None:
+                    vals[r, : len(g[2])] = np.asarray(g[2])
+            out += (jnp.asarray(vals),)
+        return out
+
+    def mask(name, off):
+        return jnp.asarray(np.stack([np.full(v, off) if getattr(rr, name) is None else np.asarray(getattr(rr, name))
+                                     for rr in per_row]))
+
+    decay = [rr.decay if rr.decay is not None else (np.zeros(1, np.int32), np.ones(1, np.float32)) for rr in per_row]
+    rules = P.SamplingRules(
+        penalty_last_n=stack([rr.penalty_last_n for rr in per_row]), dry_multiplier=stack([rr.dry_multiplier for rr in per_row]),
+        dry_base=stack([rr.dry_base for rr in per_row]), dry_allowed_length=stack([rr.dry_allowed_length for rr in per_row]),
+        dry_penalty_last_n=stack([rr.dry_penalty_last_n for rr in per_row]), dry_breakers=tables("dry_breakers"),
+        no_repeat_ngram_size=stack([rr.no_repeat_ngram_size for rr in per_row]), bad_words=tables("bad_words"),
+        sequence_bias=tables("sequence_bias", True), allowed=mask("allowed", True), suppress=mask("suppress", False),
+        begin_suppress=mask("begin_suppress", False), decay=(stack([d[0] for d in decay]), stack([d[1] for d in decay])))
+    ctx = jaxdecode.DecodeContext.from_prompt(jnp.asarray(toks), v, jnp.asarray(lengths))
+    got = np.asarray(P.apply_rules(jnp.asarray(logits, jnp.float32), ctx, rules, jnp.asarray(eos)))
+    np.testing.assert_array_equal(got, np.stack(want))
+    assert not np.array_equal(got, logits)
+
+
 def test_penalty_window_matches_the_reference(np_rng):
     b, v, p, n = 4, 9, 6, 12
     model = cached(Bigram.random(v, seed=4))

@@ -31,7 +31,7 @@ from starlette.testclient import TestClient  # noqa: E402  (the `test` extra ins
 
 import jaxdecode  # noqa: E402
 from jaxdecode._engine import Engine, EngineLoop, Request  # noqa: E402
-from jaxdecode._openai import ChoiceText, find_stop  # noqa: E402
+from jaxdecode._openai import ChoiceText, find_stop, parse  # noqa: E402
 from jaxdecode._server import ServingState, build_app  # noqa: E402
 from jaxdecode import _batch  # noqa: E402
 from jaxdecode.models import Tokenizer  # noqa: E402
@@ -113,6 +113,36 @@ def test_seeded_chat_is_reproducible_and_equals_the_engine_alone():
     ct = ChoiceText(TOK, [])
     ct.update(h.choices[0])
     assert a["choices"][0]["message"]["content"] == ct.text
+
+
+def test_issue13_fields_in_the_body_are_applied_per_request():
+    """vLLM-style extra fields with SamplingParams' names (mirostat, DRY, XTC, bans...) run in
+    the engine: the response equals the engine run with the same SamplingParams."""
+    body = {"prompt": "the", "max_tokens": 12, "seed": 9, "temperature": 1.0, "mirostat_tau": 3.0,
+            "mirostat_eta": 0.2, "dry_multiplier": 0.8, "dry_allowed_length": 1, "xtc_probability": 0.5,
+            "xtc_threshold": 0.05, "bad_words": [[10], [11, 12]], "no_repeat_ngram_size": 3,
+            "sequence_bias": [[[13], 2.0]], "suppress_tokens": [14], "ignore_eos": True}
+    with _client(ENGINE_TRI) as c:
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+    # vLLM's bad words as strings (each word alone and after a space: one sequence with this
+    # prefix-space tokenizer), llama.cpp's DRY breakers as strings: encoded with the tokenizer.
+    words = {"prompt": "a", "max_tokens": 5, "temperature": 0, "bad_words": ["ab"], "dry_sequence_breakers": ["\n"]}
+    parsed = parse(words, "completion", ENGINE_PLUS, TOK, NAME)
+    assert parsed.requests[0].sampling.bad_words == (tuple(TOK.encode("ab", add_bos=False)),) == ((32, 6, 7),)
+    assert parsed.requests[0].sampling.dry_sequence_breakers == (tuple(TOK.encode("\n", add_bos=False)),)
+    with _client(ENGINE_PLUS) as c:
+        plus = c.post("/v1/completions", json=words).json()
+    sp = jaxdecode.SamplingParams(temperature=1.0, mirostat_tau=3.0, mirostat_eta=0.2, dry_multiplier=0.8,
+                                  dry_allowed_length=1, xtc_probability=0.5, xtc_threshold=0.05,
+                                  bad_words=[[10], [11, 12]], no_repeat_ngram_size=3, sequence_bias=[[[13], 2.0]],
+                                  suppress_tokens=[14], eos_id=())
+    (h,) = EngineLoop(ENGINE_TRI).run([Request(TOK.encode("the"), 12, sp, seed=9)])
+    ct = ChoiceText(TOK, [])
+    ct.update(h.choices[0])
+    assert r.json()["choices"][0]["text"] == ct.text and len(h.choices[0].tokens) == 12
+    assert not {10, 14} & set(h.choices[0].tokens)
+    assert not plus["choices"][0]["text"].startswith("b")  # PlusOne would continue "a" with "bcdef"
 
 
 def test_n_choices_logprobs_and_logit_bias():
@@ -207,6 +237,14 @@ def test_streaming_completion_and_chat_chunks():
     ({"prompt": [70]}, "prompt", "token id 70, outside the vocabulary"),
     ({"prompt": "a", "frequency_penalty": 3}, "frequency_penalty", "in [-2, 2]"),
     ({"prompt": "a", "min_tokens": -1}, "min_tokens", "`min_tokens` must be an integer >= 0"),
+    # The issue-13 fields: the library's own checks and the engine's table capacities.
+    ({"prompt": "a", "mirostat_tau": -1}, "mirostat_tau", "`mirostat_tau` got -1"),
+    ({"prompt": "a", "xtc_probability": True}, "xtc_probability", "not a boolean"),
+    ({"prompt": "a", "dry_base": 0.5}, "dry_base", "`dry_base` got 0.5; allowed: a number >= 1"),
+    ({"prompt": "a", "bad_words": [[70]]}, "bad_words", "`bad_words[0]` must be a token id in [0, 64), got 70"),
+    ({"prompt": "a", "bad_words": [[1]] * 17}, "bad_words", "`bad_words` has 17 sequences; this engine allows at most 16"),
+    ({"prompt": "a", "suppress_tokens": "x"}, "suppress_tokens", "`suppress_tokens` must be a list of token ids"),
+    ({"prompt": "a", "exponential_decay_length_penalty": [3]}, "exponential_decay_length_penalty", "a pair (start, factor)"),
 ])
 def test_bad_completion_requests_get_400_naming_the_field(body, param, message):
     with _client(ENGINE_PLUS) as c:
