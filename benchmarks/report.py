@@ -277,7 +277,7 @@ def _other_figures(doc: dict) -> list:
     for i, r in enumerate((res.get("cli_cache") or {}).get("runs", [])):
         t = r.get("timing") or {}
         out.append(f"- CLI run {i + 1} ({'empty' if i == 0 else 'warm'} persistent cache): wall {r['wall_s']:.2f} s, "
-                   f"first chunk {t.get('first_chunk_s', 'n/a')} s, load {t.get('load_s', 'n/a')} s")
+                   f"first token {t.get('first_token_s', t.get('first_chunk_s', 'n/a'))} s, load {t.get('load_s', 'n/a')} s")
     for name, f in doc["meta"]["per_figure"].items():
         out.append(f"- figure `{name}`: {f['seconds']:.0f} s, load average at its start {f['loadavg_start']}")
     return out
