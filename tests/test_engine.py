@@ -87,11 +87,17 @@ def test_seeded_request_alone_equals_among_15_concurrent():
     assert alone.tokens == _generate(target)[0]
 
 
-def test_compiles_once_per_bucket_over_a_stream_of_requests():
-    engine = _engine(slots=3, chunk=5)
-    compiles = []
+def _compile_log() -> list:
+    """A list that grows by one entry per XLA backend compilation from now on."""
+    compiles: list = []
     jax.monitoring.register_event_duration_secs_listener(
         lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    return compiles
+
+
+def test_compiles_once_per_bucket_over_a_stream_of_requests():
+    engine = _engine(slots=3, chunk=5)
+    compiles = _compile_log()
     loop = EngineLoop(engine)
     # Warm up: one request per prompt bucket (16, 32, 64 tokens).
     loop.run([Request([1] * p, 2, jaxdecode.SamplingParams(temperature=0.0), seed=0) for p in (3, 20, 40)])
@@ -347,9 +353,7 @@ def test_constrained_seeded_request_alone_equals_among_15_mixed():
 
 def test_new_schemas_insert_without_recompiling():
     engine = _engine(slots=3, chunk=5)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    compiles = _compile_log()
     loop = EngineLoop(engine)
     loop.run([_constrained(0, seed=0, c=0), _constrained(1, seed=1, c=None)])  # warm-up: one bucket of tables
     before, programs = len(compiles), engine.compiled_count()
@@ -409,9 +413,7 @@ def test_stop_strings_end_rows_in_the_loop_and_equal_generate():
 
 def test_new_stop_lists_insert_without_recompiling():
     engine = Engine(TRIGRAM, slots=2, max_seq_len=W, chunk_size=3, top_logprobs=3, tokenizer=STOP_TOKENS)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    compiles = _compile_log()
     loop = EngineLoop(engine)
     sp = jaxdecode.SamplingParams(temperature=1.0, eos_id=())
     loop.run([Request([1], 5, sp.replace(stop=["ab"]), seed=0)])
@@ -658,9 +660,7 @@ def test_heavy_seeded_request_alone_equals_among_15_concurrent():
 
 def test_issue13_knobs_cost_one_compilation_for_the_engines_life():
     engine = _engine(slots=3, chunk=5)
-    compiles = []
-    jax.monitoring.register_event_duration_secs_listener(
-        lambda name, *a, **k: compiles.append(name) if name == "/jax/core/compile/backend_compile_duration" else None)
+    compiles = _compile_log()
     loop = EngineLoop(engine)
     loop.run([Request([1] * p, 2, jaxdecode.SamplingParams(temperature=0.0), seed=0) for p in (3, 20, 40)])
     before, programs = len(compiles), engine.compiled_count()
