@@ -7,12 +7,15 @@ RMSNorm statistics, attention scores and the softmax are float32.
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any, Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from . import _cpu_kernel
 
 __all__ = [
     "DTYPES",
@@ -152,41 +155,59 @@ def qlinear(x, w: QuantizedWeight):
     """``x @ w`` for an int8 matrix: ``x: [..., in]`` -> float32 ``[..., out]``.
 
     The activations are smoothed (``x * w.inv``) and quantized to int8 with one scale per row,
-    multiplied int8 x int8 with int32 accumulation, then rescaled by both scales. XLA:CPU runs
-    an int8 dot on its library kernels only when both operands have at least 2 rows, so a
-    single row (decoding at batch 1) is padded with a zero row; that is 1.8x faster than the
-    float32 dot because a quarter of the bytes are read. Kept channels (``w.keep_idx``) add
-    a float32 ``x[:, keep] @ keep_w``."""
+    multiplied int8 x int8 with int32 accumulation (exact: the CPU kernel and XLA's dot give the
+    same integers), then rescaled by both scales. Kept channels (``w.keep_idx``) add a float32
+    ``x[:, keep] @ keep_w``."""
     lead, n_in = x.shape[:-1], x.shape[-1]
     xf = x.astype(jnp.float32).reshape(-1, n_in) * w.inv
-    m = xf.shape[0]
-    if m == 1:
-        xf = jnp.concatenate([xf, jnp.zeros_like(xf)], axis=0)
     qx, sx = quantize_rows(xf)
-    acc = jax.lax.dot_general(qx, w.q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
-    y = acc[:m].astype(jnp.float32) * sx[:m] * w.scale
+    acc = _product(_cpu_kernel.matmul_s8, _xla_s8, qx, w.q)
+    y = acc.astype(jnp.float32) * sx * w.scale
     if w.keep_idx is not None:
         xk = jnp.take(x.astype(jnp.float32).reshape(-1, n_in), w.keep_idx, axis=1)
         y = y + jnp.dot(xk, w.keep_w)
     return y.reshape(*lead, -1)
 
 
+def _two_rows(x):
+    """XLA:CPU runs int8 and bfloat16 dots on its library kernels only when both operands have
+    at least 2 rows (its one-row fallback is about 10x slower): a single row gets a zero row."""
+    return jnp.concatenate([x, jnp.zeros_like(x)], axis=0) if x.shape[0] == 1 else x
+
+
+def _xla_s8(qx, q):
+    """int32 ``qx @ q.T`` (``qx: int8[M, in]``, ``q: int8[out, in]``) on XLA's dot."""
+    acc = jax.lax.dot_general(_two_rows(qx), q, (((1,), (1,)), ((), ())),
+                              preferred_element_type=jnp.int32)
+    return acc[:qx.shape[0]]
+
+
+def _xla_float(xs, w, *, transposed: bool):
+    """float32 ``xs @ w`` (``w: [in, out]``, ``[out, in]`` if transposed) on XLA's dot."""
+    padded = xs if w.dtype == jnp.float32 else _two_rows(xs)
+    dims = (((1,), (1,) if transposed else (0,)), ((), ()))
+    return jax.lax.dot_general(padded, w, dims, preferred_element_type=jnp.float32)[:xs.shape[0]]
+
+
+def _product(kernel, fallback, xs, w):
+    """``kernel(xs, w)`` on CPU when the CPU kernel is on and ``xs`` has few rows (the decode
+    step), else ``fallback``: chosen at trace time, per platform at lowering."""
+    if xs.shape[0] > _cpu_kernel.MAX_ROWS or not _cpu_kernel.enabled():
+        return fallback(xs, w)
+    return jax.lax.platform_dependent(xs, w, cpu=kernel, default=fallback)
+
+
 def matmul(x, w, *, transposed: bool = False):
     """float32 ``x @ w`` for ``w: [in, out]`` (``[out, in]`` with ``transposed=True``, e.g. a
     tied embedding used as the LM head); ``x`` is cast to the weight dtype and the product
     accumulates in float32. A :class:`QuantizedWeight` (always output-major) runs
-    :func:`qlinear`.
-
-    A single bfloat16 row is padded to two: XLA:CPU's bfloat16 x bfloat16 -> float32 library
-    kernel needs two rows, and its fallback for one row is about 10x slower."""
+    :func:`qlinear`. Up to ``MAX_ROWS`` rows go to the CPU kernel when it is built
+    (``_cpu_kernel``), else to XLA's dot."""
     if isinstance(w, QuantizedWeight):
         return qlinear(x, w)
     xs = x.astype(w.dtype).reshape(-1, x.shape[-1])
-    m = xs.shape[0]
-    if m == 1 and w.dtype != jnp.float32:
-        xs = jnp.concatenate([xs, jnp.zeros_like(xs)], axis=0)
-    dims = (((1,), (1,) if transposed else (0,)), ((), ()))
-    y = jax.lax.dot_general(xs, w, dims, preferred_element_type=jnp.float32)[:m]
+    kernel = functools.partial(_cpu_kernel.matmul_f32, transposed=transposed)
+    y = _product(kernel, functools.partial(_xla_float, transposed=transposed), xs, w)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

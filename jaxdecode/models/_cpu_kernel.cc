@@ -1,0 +1,406 @@
+// Few-row matrix products for XLA:CPU, called through jax.ffi (see _cpu_kernel.py).
+//
+// Decoding multiplies 1-8 activation rows by each weight matrix: the time is the weight
+// stream from memory. These kernels read every weight byte once per call, from both cores,
+// with AVX-512 (f32 FMA, bf16 widened to f32, int8 via VNNI). Each output element is summed
+// in an order that depends only on K, never on how many rows are in the call, so a row's
+// result does not change with the batch it is in.
+//
+//   jd_matmul_f32: x f32[..., M, K] times w (f32 or bf16) -> f32[..., M, N]
+//                  w is [K, N] (input-major), or [N, K] with transposed=true
+//   jd_matmul_s8:  x s8[..., M, K] times w s8[N, K]^T -> s32[..., M, N] (exact)
+//
+// Built at first use with -march=native; any build or load failure leaves XLA's dot in use.
+
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <cstring>
+#include <cstdlib>
+#include <chrono>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <sched.h>
+#include <memory>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+#if !defined(__AVX512F__) || !defined(__AVX512BW__) || !defined(__AVX512VNNI__)
+#error "jaxdecode's CPU kernel needs AVX-512F/BW/VNNI (the XLA path is used instead)"
+#endif
+
+namespace {
+
+// ---- threads. Decoding calls these kernels ~150 times per token with a few microseconds of
+// XLA work between calls; waking a sleeping thread costs about as long as a small call. So the
+// kernel keeps its own workers (one per extra core), which spin for a short while
+// (JAXDECODE_CPU_KERNEL_SPIN_US, default 300) after each call before sleeping. A call made
+// while another is running (XLA may run two at once) just runs on its caller's thread.
+//
+// Chunks are claimed from a shared counter and the caller works too, waiting only for chunks
+// already claimed. Each call's state lives on the heap: a late worker may look at the counter
+// after the caller returned, but never runs a chunk then.
+struct Job {
+  std::atomic<int64_t> next{0};
+  std::atomic<int64_t> done{0};
+  int64_t n = 0;
+  void (*fn)(const void*, int64_t) = nullptr;
+  const void* ctx = nullptr;
+  void work() {
+    int64_t i;
+    while ((i = next.fetch_add(1)) < n) {
+      fn(ctx, i);
+      done.fetch_add(1, std::memory_order_release);
+    }
+  }
+};
+
+class Workers {
+ public:
+  static Workers& get() {
+    static Workers* w = new Workers();  // never destroyed: workers may outlive static teardown
+    return *w;
+  }
+
+  int64_t size() const { return threads_ + 1; }
+
+  template <class F>
+  void run(int64_t n, const F& f) {
+    std::unique_lock<std::mutex> busy(call_mu_, std::try_to_lock);
+    if (threads_ == 0 || n <= 1 || !busy.owns_lock()) {
+      for (int64_t i = 0; i < n; ++i) f(i);
+      return;
+    }
+    auto job = std::make_shared<Job>();
+    job->n = n;
+    job->fn = [](const void* ctx, int64_t i) { (*static_cast<const F*>(ctx))(i); };
+    job->ctx = &f;
+    std::atomic_store(&job_, job);
+    gen_.fetch_add(1);
+    if (sleeping_.load() > 0) {
+      std::lock_guard<std::mutex> lk(mu_);
+      cv_.notify_all();
+    }
+    job->work();
+    while (job->done.load(std::memory_order_acquire) < n) _mm_pause();
+  }
+
+ private:
+  Workers() {
+    const char* env = std::getenv("JAXDECODE_CPU_KERNEL_SPIN_US");
+    spin_us_ = env ? std::atoi(env) : 300;
+    cpu_set_t set;
+    int cpus = sched_getaffinity(0, sizeof(set), &set) == 0 ? CPU_COUNT(&set) : 1;
+    const char* cap = std::getenv("JAXDECODE_CPU_KERNEL_THREADS");
+    if (cap) cpus = std::max(1, std::min(cpus, std::atoi(cap)));
+    threads_ = cpus - 1;
+    for (int t = 0; t < threads_; ++t) std::thread([this] { loop(); }).detach();
+  }
+
+  void loop() {
+    uint64_t seen = gen_.load();
+    for (;;) {
+      const auto t0 = std::chrono::steady_clock::now();
+      for (int spins = 0; gen_.load() == seen; ++spins) {
+        _mm_pause();
+        if ((spins & 63) == 63 &&
+            std::chrono::steady_clock::now() - t0 > std::chrono::microseconds(spin_us_)) {
+          std::unique_lock<std::mutex> lk(mu_);
+          sleeping_.fetch_add(1);
+          cv_.wait(lk, [&] { return gen_.load() != seen; });
+          sleeping_.fetch_sub(1);
+        }
+      }
+      seen = gen_.load();
+      if (auto job = std::atomic_load(&job_)) job->work();
+    }
+  }
+
+  int threads_ = 0;
+  int spin_us_ = 300;
+  std::mutex call_mu_, mu_;
+  std::condition_variable cv_;
+  std::atomic<uint64_t> gen_{0};
+  std::atomic<int> sleeping_{0};
+  std::shared_ptr<Job> job_;
+};
+
+template <class F>
+void parallel_chunks(ffi::ThreadPool&, int64_t n, F f) {
+  Workers::get().run(n, f);
+}
+
+// ---- loads widened to 16 floats (a masked tail reads zeros)
+inline __m512 load16(const float* p) { return _mm512_loadu_ps(p); }
+inline __m512 load16(const uint16_t* p) {
+  __m256i h = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+inline __m512 load16(const float* p, __mmask16 m) { return _mm512_maskz_loadu_ps(m, p); }
+inline __m512 load16(const uint16_t* p, __mmask16 m) {
+  __m256i h = _mm256_maskz_loadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+inline __mmask16 tail16(int64_t left) {
+  return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
+}
+
+// ---- w [N, K] (output-major): a register tile of NR output rows by MR activation rows; the
+// NR weight rows stream side by side. Rows m beyond the first MR reread them from L1.
+template <int MR, int NR, class W>
+void nk_tile(const float* x, const W* const* wr, float* y, int64_t nr, int64_t K, int64_t N) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 16) {
+    const __mmask16 mk = tail16(K - k);
+    __m512 wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = load16(wr[r] + k, mk);
+    for (int i = 0; i < MR; ++i) {
+      const __m512 xv = load16(x + i * K + k, mk);
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
+    }
+  }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < nr; ++r) y[i * N + r] = _mm512_reduce_add_ps(acc[i][r]);
+}
+
+template <class W>
+void nk_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N,
+             int64_t n0, int64_t n1) {
+  const int NR = M == 1 ? 8 : 4;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = std::min<int64_t>(NR, n1 - n);
+    const W* wr[8];
+    for (int r = 0; r < NR; ++r) wr[r] = w + (n + std::min<int64_t>(r, nr - 1)) * K;
+    if (M == 1) {
+      nk_tile<1, 8>(x, wr, y + n, nr, K, N);
+      continue;
+    }
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m);
+      const float* xm = x + m * K;
+      float* ym = y + m * N + n;
+      if (mr == 4) nk_tile<4, 4>(xm, wr, ym, nr, K, N);
+      else if (mr == 3) nk_tile<3, 4>(xm, wr, ym, nr, K, N);
+      else if (mr == 2) nk_tile<2, 4>(xm, wr, ym, nr, K, N);
+      else nk_tile<1, 4>(xm, wr, ym, nr, K, N);
+    }
+  }
+}
+
+// ---- w [K, N] (input-major): worker c takes the rows [k0, k1) of w, a contiguous stretch of
+// memory, and adds x[:, k0:k1] @ w[k0:k1] into its own partial sum p (M x N floats, in L1/L2);
+// the partials are added in a fixed order after. Four rows per pass: four sequential streams.
+template <int R, class W>
+inline void kn_rows(const float* x, const W* w, float* p, int64_t M, int64_t K, int64_t N,
+                    int64_t k) {
+  const W* rows[R];
+  for (int r = 0; r < R; ++r) rows[r] = w + (k + r) * N;
+  for (int64_t jb = 0; jb < N; jb += 512) {  // 512 columns: R weight pieces stay in L1
+    const int64_t je = std::min<int64_t>(N, jb + 512);
+    for (int64_t m = 0; m < M; ++m) {
+      __m512 xb[R];
+      for (int r = 0; r < R; ++r) xb[r] = _mm512_set1_ps(x[m * K + k + r]);
+      float* pm = p + m * N;
+      for (int64_t j = jb; j < je; j += 16) {
+        const __mmask16 mk = tail16(je - j);
+        __m512 acc = _mm512_maskz_loadu_ps(mk, pm + j);
+        for (int r = 0; r < R; ++r) acc = _mm512_fmadd_ps(xb[r], load16(rows[r] + j, mk), acc);
+        _mm512_mask_storeu_ps(pm + j, mk, acc);
+      }
+    }
+  }
+}
+
+template <class W>
+void kn_part(const float* x, const W* w, float* p, int64_t M, int64_t K, int64_t N, int64_t k0,
+             int64_t k1) {
+  std::memset(p, 0, sizeof(float) * M * N);
+  int64_t k = k0;
+  for (; k + 4 <= k1; k += 4) kn_rows<4>(x, w, p, M, K, N, k);
+  for (; k < k1; ++k) kn_rows<1>(x, w, p, M, K, N, k);
+}
+
+// ---- int8: w s8[N, K], x s8[M, K]. VNNI multiplies u8 by s8, so x is shifted to x + 128 and
+// 128 * sum(w) is taken off again (both sums are exact in int32).
+template <int MR, int NR>
+void s8_tile(const uint8_t* xu, const int8_t* const* wr, int32_t* y, int64_t nr, int64_t K,
+             int64_t N) {
+  const __m512i bias = _mm512_set1_epi8(char(0x80));
+  __m512i acc[MR][NR], off[NR];
+  for (int r = 0; r < NR; ++r) {
+    off[r] = _mm512_setzero_si512();
+    for (int i = 0; i < MR; ++i) acc[i][r] = _mm512_setzero_si512();
+  }
+  for (int64_t k = 0; k < K; k += 64) {
+    const int64_t left = K - k;
+    const __mmask64 mk = left >= 64 ? ~__mmask64(0) : ((__mmask64(1) << left) - 1);
+    __m512i wv[NR];
+    for (int r = 0; r < NR; ++r) {
+      wv[r] = _mm512_maskz_loadu_epi8(mk, wr[r] + k);
+      off[r] = _mm512_dpbusd_epi32(off[r], bias, wv[r]);
+    }
+    for (int i = 0; i < MR; ++i) {
+      const __m512i xv = _mm512_maskz_loadu_epi8(mk, xu + i * K + k);
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xv, wv[r]);
+    }
+  }
+  for (int r = 0; r < nr; ++r) {
+    const int32_t o = _mm512_reduce_add_epi32(off[r]);
+    for (int i = 0; i < MR; ++i) y[i * N + r] = _mm512_reduce_add_epi32(acc[i][r]) - o;
+  }
+}
+
+void s8_rows(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t K, int64_t N,
+             int64_t n0, int64_t n1) {
+  const int NR = M == 1 ? 8 : 4;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = std::min<int64_t>(NR, n1 - n);
+    const int8_t* wr[8];
+    for (int r = 0; r < NR; ++r) wr[r] = w + (n + std::min<int64_t>(r, nr - 1)) * K;
+    if (M == 1) {
+      s8_tile<1, 8>(xu, wr, y + n, nr, K, N);
+      continue;
+    }
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m);
+      const uint8_t* xm = xu + m * K;
+      int32_t* ym = y + m * N + n;
+      if (mr == 4) s8_tile<4, 4>(xm, wr, ym, nr, K, N);
+      else if (mr == 3) s8_tile<3, 4>(xm, wr, ym, nr, K, N);
+      else if (mr == 2) s8_tile<2, 4>(xm, wr, ym, nr, K, N);
+      else s8_tile<1, 4>(xm, wr, ym, nr, K, N);
+    }
+  }
+}
+
+// Output range [n0, n1) of chunk c when N is cut into pieces of `step` (a multiple of it).
+struct Split {
+  int64_t n, step, chunks;
+  Split(int64_t n_, int64_t unit, int64_t threads) : n(n_) {
+    const int64_t units = (n + unit - 1) / unit;
+    const int64_t want = std::max<int64_t>(1, std::min<int64_t>(units, 4 * threads));
+    step = ((units + want - 1) / want) * unit;
+    chunks = (n + step - 1) / step;
+  }
+  int64_t lo(int64_t c) const { return c * step; }
+  int64_t hi(int64_t c) const { return std::min(n, (c + 1) * step); }
+};
+
+ffi::Error shapes(ffi::AnyBuffer x, ffi::AnyBuffer w, bool transposed, int64_t* M, int64_t* K,
+                  int64_t* N) {
+  auto xd = x.dimensions();
+  auto wd = w.dimensions();
+  if (xd.size() < 1 || wd.size() < 2)
+    return ffi::Error::InvalidArgument("jd_matmul: x needs >= 1 dim and w >= 2");
+  for (size_t i = 0; i + 2 < wd.size(); ++i)
+    if (wd[i] != 1) return ffi::Error::InvalidArgument("jd_matmul: a batched w is not supported");
+  *K = xd[xd.size() - 1];
+  *M = *K ? int64_t(x.element_count()) / *K : 0;
+  const int64_t wk = transposed ? wd[wd.size() - 1] : wd[wd.size() - 2];
+  *N = transposed ? wd[wd.size() - 2] : wd[wd.size() - 1];
+  if (wk != *K) return ffi::Error::InvalidArgument("jd_matmul: x and w disagree on K");
+  return ffi::Error::Success();
+}
+
+ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                      ffi::Result<ffi::AnyBuffer> y, bool transposed) {
+  int64_t M, K, N;
+  if (auto e = shapes(x, w, transposed, &M, &K, &N); e.failure()) return e;
+  if (x.element_type() != ffi::DataType::F32 || y->element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("jd_matmul_f32: x and y must be float32");
+  const float* xp = static_cast<const float*>(x.untyped_data());
+  float* yp = static_cast<float*>(y->untyped_data());
+  const int64_t threads = Workers::get().size();
+  const bool bf16 = w.element_type() == ffi::DataType::BF16;
+  if (!bf16 && w.element_type() != ffi::DataType::F32)
+    return ffi::Error::InvalidArgument("jd_matmul_f32: w must be float32 or bfloat16");
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(yp, 0, sizeof(float) * M * N);
+    return ffi::Error::Success();
+  }
+  const void* wp = w.untyped_data();
+  if (transposed) {
+    const Split s(N, 8, threads);
+    parallel_chunks(pool, s.chunks, [=](int64_t c) {
+      bf16 ? nk_rows(xp, static_cast<const uint16_t*>(wp), yp, M, K, N, s.lo(c), s.hi(c))
+           : nk_rows(xp, static_cast<const float*>(wp), yp, M, K, N, s.lo(c), s.hi(c));
+    });
+    return ffi::Error::Success();
+  }
+  // One stretch of rows per worker (a multiple of 4 rows); worker 0 sums straight into y.
+  const int64_t parts = std::max<int64_t>(1, std::min<int64_t>(2 * threads, K / 4));
+  const int64_t step = ((K + parts - 1) / parts + 3) / 4 * 4;
+  const int64_t used = (K + step - 1) / step;
+  std::vector<float> scratch(size_t((used - 1) * M * N));
+  float* sp = scratch.data();
+  parallel_chunks(pool, used, [=](int64_t c) {
+    float* p = c == 0 ? yp : sp + (c - 1) * M * N;
+    const int64_t k0 = c * step, k1 = std::min(K, k0 + step);
+    bf16 ? kn_part(xp, static_cast<const uint16_t*>(wp), p, M, K, N, k0, k1)
+         : kn_part(xp, static_cast<const float*>(wp), p, M, K, N, k0, k1);
+  });
+  for (int64_t c = 1; c < used; ++c) {
+    const float* p = sp + (c - 1) * M * N;
+    for (int64_t i = 0; i < M * N; i += 16) {
+      const __mmask16 mk = tail16(M * N - i);
+      _mm512_mask_storeu_ps(yp + i, mk, _mm512_add_ps(_mm512_maskz_loadu_ps(mk, yp + i),
+                                                      _mm512_maskz_loadu_ps(mk, p + i)));
+    }
+  }
+  return ffi::Error::Success();
+}
+
+ffi::Error matmul_s8(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
+                     ffi::Result<ffi::AnyBuffer> y) {
+  int64_t M, K, N;
+  if (auto e = shapes(x, w, true, &M, &K, &N); e.failure()) return e;
+  if (x.element_type() != ffi::DataType::S8 || w.element_type() != ffi::DataType::S8 ||
+      y->element_type() != ffi::DataType::S32)
+    return ffi::Error::InvalidArgument("jd_matmul_s8: x and w must be int8 and y int32");
+  int32_t* yp = static_cast<int32_t*>(y->untyped_data());
+  if (M == 0 || N == 0) return ffi::Error::Success();
+  if (K == 0) {
+    std::memset(yp, 0, sizeof(int32_t) * M * N);
+    return ffi::Error::Success();
+  }
+  // x + 128 as uint8 (flipping the sign bit), once per call.
+  auto xu = std::make_shared<std::vector<uint8_t>>(size_t(M * K));
+  const auto* xs = static_cast<const uint8_t*>(x.untyped_data());
+  for (int64_t i = 0; i < M * K; ++i) (*xu)[i] = xs[i] ^ 0x80;
+  const int8_t* wp = static_cast<const int8_t*>(w.untyped_data());
+  const int64_t threads = Workers::get().size();
+  const Split s(N, 8, threads);
+  const uint8_t* xup = xu->data();
+  parallel_chunks(pool, s.chunks,
+                  [=](int64_t c) { s8_rows(xup, wp, yp, M, K, N, s.lo(c), s.hi(c)); });
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_matmul_f32, matmul_f32,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<bool>("transposed"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_matmul_s8, matmul_s8,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>());
+
+extern "C" int jd_kernel_version() { return 1; }

@@ -1,0 +1,143 @@
+"""The optional CPU fast path for few-row matmuls: an AVX-512 kernel called through ``jax.ffi``.
+
+Decoding multiplies 1-8 rows by every weight matrix, and on CPU that time is the weight stream.
+XLA:CPU's own dots stream float32 at about 78% of the memory bandwidth and bfloat16 / int8 at
+far less (see the README's performance notes); ``_cpu_kernel.cc`` reads every weight byte once
+per call from every core. It is compiled at first use with the machine's C++ compiler
+(``-O3 -march=native``) into ``$JAXDECODE_CACHE_DIR`` (default ``~/.cache/jaxdecode``) and
+loaded with ctypes. Without a compiler, without AVX-512 (F, BW, VNNI), or with
+``JAXDECODE_CPU_KERNEL=0`` in the environment, :func:`available` is False and every matmul
+stays on XLA's dot: the same results up to float32 summation order (int8 is exact either way).
+
+The choice is made while tracing: :func:`set_enabled` changes later traces only, so call it
+before the first ``generate`` (or ``jax.clear_caches()`` after).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["available", "enabled", "set_enabled", "build_error", "matmul_f32", "matmul_s8",
+           "MAX_ROWS"]
+
+# Up to this many rows (after flattening leading dims) a product goes to the kernel; more
+# rows are compute-bound and XLA's blocked GEMM is faster.
+MAX_ROWS = 16
+
+_SOURCE = Path(__file__).with_name("_cpu_kernel.cc")
+_lock = threading.Lock()
+_state: dict = {}  # "lib", "error", "enabled"
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("JAXDECODE_CACHE_DIR") or os.path.join(
+        os.path.expanduser("~"), ".cache", "jaxdecode")
+    return Path(root) / "kernels"
+
+
+def _build() -> Path:
+    """Compiles the kernel (once per source, jax version and machine) and returns the .so."""
+    src = _SOURCE.read_bytes()
+    cxx = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++") \
+        or shutil.which("clang++")
+    if not cxx:
+        raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
+    flags = ["-O3", "-march=native", "-std=c++17", "-w", "-shared", "-fPIC",
+             "-I", jax.ffi.include_dir(), *os.environ.get("JD_CXXFLAGS", "").split()]
+    tag = hashlib.sha256(src + " ".join([cxx, *flags, jax.__version__, _cpu_id()]).encode())
+    out = _cache_dir() / f"jd_cpu_kernel_{tag.hexdigest()[:16]}.so"
+    if out.exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent) as tmp:
+        part = Path(tmp) / out.name
+        run = subprocess.run([cxx, *flags, str(_SOURCE), "-o", str(part)],
+                             capture_output=True, text=True, timeout=300)
+        if run.returncode != 0:
+            raise RuntimeError(f"{Path(cxx).name} failed: {run.stderr.strip()[-800:]}")
+        os.replace(part, out)  # atomic: a concurrent build never loads a partial file
+    return out
+
+
+def _cpu_id() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return sys.platform
+
+
+def _load():
+    """Builds, loads and registers the kernel once; remembers the failure reason otherwise."""
+    with _lock:
+        if "lib" in _state:
+            return _state["lib"]
+        lib, error = None, None
+        if os.environ.get("JAXDECODE_CPU_KERNEL", "1").strip() in ("0", "false", "no", "off"):
+            error = "disabled by JAXDECODE_CPU_KERNEL"
+        elif not sys.platform.startswith("linux"):
+            error = f"only built on Linux (this is {sys.platform})"
+        else:
+            try:
+                lib = ctypes.CDLL(str(_build()))
+                for name in ("jd_matmul_f32", "jd_matmul_s8"):
+                    jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
+                                                platform="cpu")
+            except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dot
+                lib, error = None, f"{type(e).__name__}: {e}"
+        _state["lib"], _state["error"] = lib, error
+        return lib
+
+
+def available() -> bool:
+    """Whether the kernel is built and registered on this machine (builds it on first call)."""
+    return _load() is not None
+
+
+def build_error() -> str | None:
+    """Why :func:`available` is False (None when it is True)."""
+    _load()
+    return _state["error"]
+
+
+def enabled() -> bool:
+    """Whether matmuls traced from now on use the kernel on CPU (available and not turned off)."""
+    return _state.get("enabled", True) and available()
+
+
+def set_enabled(on: bool) -> None:
+    """Turns the kernel on or off for matmuls traced afterwards (already compiled functions keep
+    their choice: call ``jax.clear_caches()`` to retrace them)."""
+    if not isinstance(on, bool):
+        raise TypeError(f"set_enabled: on must be a bool, got {on!r}")
+    _state["enabled"] = on
+
+
+def _call(name, x, w, out_dtype, **attrs):
+    rows = x.shape[:-1]
+    n = w.shape[-2] if attrs.get("transposed", True) else w.shape[-1]
+    out = jax.ShapeDtypeStruct((*rows, n), out_dtype)
+    # Under vmap the batch goes in front of x as more rows; w stays unbatched (size-1 dims).
+    return jax.ffi.ffi_call(name, out, vmap_method="expand_dims")(x, w, **attrs)
+
+
+def matmul_f32(x, w, *, transposed: bool):
+    """float32 ``x @ w`` (``w: [in, out]``, or ``[out, in]`` with ``transposed``) for float32 or
+    bfloat16 ``w``; ``x: float32[..., in]``. CPU only: call it inside ``lax.platform_dependent``."""
+    return _call("jd_matmul_f32", x.astype(jnp.float32), w, jnp.float32, transposed=transposed)
+
+
+def matmul_s8(x, w):
+    """Exact int32 ``x @ w.T`` for ``x: int8[..., in]`` and ``w: int8[out, in]``. CPU only."""
+    return _call("jd_matmul_s8", x, w, jnp.int32)
