@@ -82,7 +82,15 @@ def op_load(dtype: str, model: str | None = None) -> dict:
                                                     "head_dim", "hidden_dim", "tie_embeddings")},
             "jaxdecode_file": os.path.dirname(jaxdecode.__file__), "jax": jax.__version__,
             "device_kind": jax.devices()[0].device_kind, "memory": memory_info(),
+            "cpu_kernel": _cpu_kernel_state(),
             "prompt_ids": tok.encode(PROMPT)}
+
+
+def _cpu_kernel_state() -> str:
+    """Whether the decode step's matmuls run on jaxdecode's CPU kernel or on XLA's dot."""
+    from jaxdecode.models import _cpu_kernel
+
+    return "on" if _cpu_kernel.enabled() else f"off ({_cpu_kernel.build_error() or 'turned off'})"
 
 
 def op_generate(prompt: list, batch: int, new: int, sampled: bool = False, seed: int = 0,

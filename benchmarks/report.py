@@ -241,7 +241,8 @@ def markdown(doc: dict) -> str:
              f"Mode **{meta['mode']}**, {meta['started']} ({meta['duration_s']:.0f} s), `{meta['command']}`.", "",
              f"- CPU: {meta['cpu_label']}",
              f"- load average (1/5/15 min): start {meta['loadavg_start']}, end {meta['loadavg_end']}",
-             f"- jaxdecode measured from {meta['jaxdecode_tree']}",
+             f"- jaxdecode measured from {meta['jaxdecode_tree']}; CPU kernel (few-row matmuls): "
+             f"{_get(doc, 'startup', F32, 'cpu_kernel') or 'not recorded'}",
              f"- transformers: {_versions(doc)}; llama.cpp: {meta['llama_cpp'] or 'not run'} "
              "(llama-bench defaults: threads = physical cores, -r 1 per round)"]
     if meta["removed_env"]:

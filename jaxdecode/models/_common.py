@@ -161,7 +161,10 @@ def qlinear(x, w: QuantizedWeight):
     lead, n_in = x.shape[:-1], x.shape[-1]
     xf = x.astype(jnp.float32).reshape(-1, n_in) * w.inv
     qx, sx = quantize_rows(xf)
-    acc = _product(_cpu_kernel.matmul_s8, _xla_s8, qx, w.q)
+    if _cpu_kernel.takes(qx):
+        acc = jax.lax.platform_dependent(qx, w.q, cpu=_cpu_kernel.matmul_s8, default=_xla_s8)
+    else:
+        acc = _xla_s8(qx, w.q)
     y = acc.astype(jnp.float32) * sx * w.scale
     if w.keep_idx is not None:
         xk = jnp.take(x.astype(jnp.float32).reshape(-1, n_in), w.keep_idx, axis=1)
@@ -189,25 +192,36 @@ def _xla_float(xs, w, *, transposed: bool):
     return jax.lax.dot_general(padded, w, dims, preferred_element_type=jnp.float32)[:xs.shape[0]]
 
 
-def _product(kernel, fallback, xs, w):
-    """``kernel(xs, w)`` on CPU when the CPU kernel is on and ``xs`` has few rows (the decode
-    step), else ``fallback``: chosen at trace time, per platform at lowering."""
-    if xs.shape[0] > _cpu_kernel.MAX_ROWS or not _cpu_kernel.enabled():
-        return fallback(xs, w)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
+def _float_product(xs, w, transposed):
+    kernel = functools.partial(_cpu_kernel.matmul_f32, transposed=transposed)
+    fallback = functools.partial(_xla_float, transposed=transposed)
     return jax.lax.platform_dependent(xs, w, cpu=kernel, default=fallback)
+
+
+@_float_product.defjvp
+def _float_product_jvp(transposed, primals, tangents):
+    # The kernel has no derivative rules of its own: the product is bilinear, so its tangent is
+    # two products on XLA's dot (and jax.grad works through the fast path).
+    (xs, w), (dx, dw) = primals, tangents
+    f = functools.partial(_xla_float, transposed=transposed)
+    return _float_product(xs, w, transposed), f(dx, w) + f(xs, dw)
 
 
 def matmul(x, w, *, transposed: bool = False):
     """float32 ``x @ w`` for ``w: [in, out]`` (``[out, in]`` with ``transposed=True``, e.g. a
     tied embedding used as the LM head); ``x`` is cast to the weight dtype and the product
     accumulates in float32. A :class:`QuantizedWeight` (always output-major) runs
-    :func:`qlinear`. Up to ``MAX_ROWS`` rows go to the CPU kernel when it is built
-    (``_cpu_kernel``), else to XLA's dot."""
+    :func:`qlinear`. A few rows (``_cpu_kernel.MAX_ROWS``: the decode step) go to the CPU
+    kernel when it is built (see ``_cpu_kernel``), more to XLA's dot; the platform is chosen
+    at lowering."""
     if isinstance(w, QuantizedWeight):
         return qlinear(x, w)
     xs = x.astype(w.dtype).reshape(-1, x.shape[-1])
-    kernel = functools.partial(_cpu_kernel.matmul_f32, transposed=transposed)
-    y = _product(kernel, functools.partial(_xla_float, transposed=transposed), xs, w)
+    if _cpu_kernel.takes(xs):
+        y = _float_product(xs, w, transposed)
+    else:
+        y = _xla_float(xs, w, transposed=transposed)
     return y.reshape(*x.shape[:-1], y.shape[-1])
 
 

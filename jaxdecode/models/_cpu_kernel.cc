@@ -36,6 +36,15 @@ namespace ffi = xla::ffi;
 #endif
 
 namespace {
+#ifndef NK_NR1
+#define NK_NR1 8
+#endif
+#ifndef NK_PF
+#define NK_PF 1
+#endif
+#ifndef KN_PF
+#define KN_PF 1
+#endif
 
 // ---- threads. Decoding calls these kernels ~150 times per token with a few microseconds of
 // XLA work between calls; waking a sleeping thread costs about as long as a small call. So the
@@ -152,6 +161,50 @@ inline __mmask16 tail16(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
 
+// Sixteen horizontal sums at once: out[l] = sum of the 16 lanes of a[l] (l < n; missing
+// vectors count as zero), by a fixed tree of shuffles and adds. Every vector's lanes are
+// added in the same order wherever it sits, so results do not depend on the tile shape.
+inline void hsum16(const __m512* a, int n, float* out) {
+  __m512 v[16];
+  for (int i = 0; i < 16; ++i) {
+    const int l = 4 * (i % 4) + i / 4;  // the tree below lands v[4q + c] in lane 4c + q
+    v[i] = l < n ? a[l] : _mm512_setzero_ps();
+  }
+  __m512 s[8], u[4], x[2];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88),
+                         _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    x[i] = _mm512_add_ps(_mm512_unpacklo_ps(u[2 * i], u[2 * i + 1]),
+                         _mm512_unpackhi_ps(u[2 * i], u[2 * i + 1]));
+  const __m512d lo = _mm512_unpacklo_pd(_mm512_castps_pd(x[0]), _mm512_castps_pd(x[1]));
+  const __m512d hi = _mm512_unpackhi_pd(_mm512_castps_pd(x[0]), _mm512_castps_pd(x[1]));
+  _mm512_storeu_ps(out, _mm512_add_ps(_mm512_castpd_ps(lo), _mm512_castpd_ps(hi)));
+}
+
+inline void hsum16(const __m512i* a, int n, int32_t* out) {
+  __m512i v[16];
+  for (int i = 0; i < 16; ++i) {
+    const int l = 4 * (i % 4) + i / 4;
+    v[i] = l < n ? a[l] : _mm512_setzero_si512();
+  }
+  __m512i s[8], u[4], x[2];
+  for (int i = 0; i < 8; ++i)
+    s[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0x44),
+                            _mm512_shuffle_i32x4(v[2 * i], v[2 * i + 1], 0xEE));
+  for (int i = 0; i < 4; ++i)
+    u[i] = _mm512_add_epi32(_mm512_shuffle_i32x4(s[2 * i], s[2 * i + 1], 0x88),
+                            _mm512_shuffle_i32x4(s[2 * i], s[2 * i + 1], 0xDD));
+  for (int i = 0; i < 2; ++i)
+    x[i] = _mm512_add_epi32(_mm512_unpacklo_epi32(u[2 * i], u[2 * i + 1]),
+                            _mm512_unpackhi_epi32(u[2 * i], u[2 * i + 1]));
+  _mm512_storeu_si512(out, _mm512_add_epi32(_mm512_unpacklo_epi64(x[0], x[1]),
+                                            _mm512_unpackhi_epi64(x[0], x[1])));
+}
+
 // ---- w [N, K] (output-major): a register tile of NR output rows by MR activation rows; the
 // NR weight rows stream side by side. Rows m beyond the first MR reread them from L1.
 template <int MR, int NR, class W>
@@ -163,25 +216,29 @@ void nk_tile(const float* x, const W* const* wr, float* y, int64_t nr, int64_t K
     const __mmask16 mk = tail16(K - k);
     __m512 wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = load16(wr[r] + k, mk);
+    if (NK_PF) for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + NK_PF * NR * K), _MM_HINT_T0);
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = load16(x + i * K + k, mk);
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
     }
   }
+  static_assert(MR * NR <= 16, "one hsum16 per tile");
+  float sums[16];
+  hsum16(&acc[0][0], MR * NR, sums);
   for (int i = 0; i < MR; ++i)
-    for (int r = 0; r < nr; ++r) y[i * N + r] = _mm512_reduce_add_ps(acc[i][r]);
+    for (int r = 0; r < nr; ++r) y[i * N + r] = sums[i * NR + r];
 }
 
 template <class W>
 void nk_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N,
              int64_t n0, int64_t n1) {
-  const int NR = M == 1 ? 8 : 4;
+  const int NR = M == 1 ? NK_NR1 : 4;
   for (int64_t n = n0; n < n1; n += NR) {
     const int64_t nr = std::min<int64_t>(NR, n1 - n);
-    const W* wr[8];
+    const W* wr[16];
     for (int r = 0; r < NR; ++r) wr[r] = w + (n + std::min<int64_t>(r, nr - 1)) * K;
     if (M == 1) {
-      nk_tile<1, 8>(x, wr, y + n, nr, K, N);
+      nk_tile<1, NK_NR1>(x, wr, y + n, nr, K, N);
       continue;
     }
     for (int64_t m = 0; m < M; m += 4) {
@@ -195,6 +252,58 @@ void nk_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t
     }
   }
 }
+
+#ifdef __AVX512BF16__
+// bfloat16 w [N, K] with bfloat16 x (the caller rounded x to bfloat16 already, so taking its top
+// 16 bits is exact): vdpbf16ps multiplies 32 pairs and adds them into 16 float32 lanes, a
+// quarter of the instructions of widening w to float32 first.
+template <int MR, int NR>
+void nk_tile_bh(const uint16_t* x, const uint16_t* const* wr, float* y, int64_t nr, int64_t K,
+                int64_t N) {
+  __m512 acc[MR][NR];
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_setzero_ps();
+  for (int64_t k = 0; k < K; k += 32) {
+    const int64_t left = K - k;
+    const __mmask32 mk = left >= 32 ? ~__mmask32(0) : ((__mmask32(1) << left) - 1);
+    __m512bh wv[NR];
+    for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mk, wr[r] + k);
+    if (NK_PF) for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + NK_PF * NR * K), _MM_HINT_T0);
+    for (int i = 0; i < MR; ++i) {
+      const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + i * K + k);
+      for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
+    }
+  }
+  static_assert(MR * NR <= 16, "one hsum16 per tile");
+  float sums[16];
+  hsum16(&acc[0][0], MR * NR, sums);
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < nr; ++r) y[i * N + r] = sums[i * NR + r];
+}
+
+void nk_rows_bh(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N,
+                int64_t n0, int64_t n1) {
+  const int NR = M == 1 ? 16 : 4;
+  for (int64_t n = n0; n < n1; n += NR) {
+    const int64_t nr = std::min<int64_t>(NR, n1 - n);
+    const uint16_t* wr[16];
+    for (int r = 0; r < NR; ++r) wr[r] = w + (n + std::min<int64_t>(r, nr - 1)) * K;
+    if (M == 1) {
+      nk_tile_bh<1, 16>(x, wr, y + n, nr, K, N);
+      continue;
+    }
+    for (int64_t m = 0; m < M; m += 4) {
+      const int64_t mr = std::min<int64_t>(4, M - m);
+      const uint16_t* xm = x + m * K;
+      float* ym = y + m * N + n;
+      if (mr == 4) nk_tile_bh<4, 4>(xm, wr, ym, nr, K, N);
+      else if (mr == 3) nk_tile_bh<3, 4>(xm, wr, ym, nr, K, N);
+      else if (mr == 2) nk_tile_bh<2, 4>(xm, wr, ym, nr, K, N);
+      else nk_tile_bh<1, 4>(xm, wr, ym, nr, K, N);
+    }
+  }
+}
+#endif
 
 // ---- w [K, N] (input-major): worker c takes the rows [k0, k1) of w, a contiguous stretch of
 // memory, and adds x[:, k0:k1] @ w[k0:k1] into its own partial sum p (M x N floats, in L1/L2);
@@ -212,6 +321,9 @@ inline void kn_rows(const float* x, const W* w, float* p, int64_t M, int64_t K, 
       float* pm = p + m * N;
       for (int64_t j = jb; j < je; j += 16) {
         const __mmask16 mk = tail16(je - j);
+        if (KN_PF && m == 0)
+          for (int r = 0; r < R; ++r)
+            _mm_prefetch(reinterpret_cast<const char*>(rows[r] + j + KN_PF * R * N), _MM_HINT_T0);
         __m512 acc = _mm512_maskz_loadu_ps(mk, pm + j);
         for (int r = 0; r < R; ++r) acc = _mm512_fmadd_ps(xb[r], load16(rows[r] + j, mk), acc);
         _mm512_mask_storeu_ps(pm + j, mk, acc);
@@ -246,6 +358,7 @@ void s8_tile(const uint8_t* xu, const int8_t* const* wr, int32_t* y, int64_t nr,
     __m512i wv[NR];
     for (int r = 0; r < NR; ++r) {
       wv[r] = _mm512_maskz_loadu_epi8(mk, wr[r] + k);
+      if (NK_PF) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + NK_PF * NR * K), _MM_HINT_T0);
       off[r] = _mm512_dpbusd_epi32(off[r], bias, wv[r]);
     }
     for (int i = 0; i < MR; ++i) {
@@ -253,10 +366,20 @@ void s8_tile(const uint8_t* xu, const int8_t* const* wr, int32_t* y, int64_t nr,
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_dpbusd_epi32(acc[i][r], xv, wv[r]);
     }
   }
-  for (int r = 0; r < nr; ++r) {
-    const int32_t o = _mm512_reduce_add_epi32(off[r]);
-    for (int i = 0; i < MR; ++i) y[i * N + r] = _mm512_reduce_add_epi32(acc[i][r]) - o;
+  static_assert(MR * NR <= 16, "one hsum16 for the tile");
+  int32_t sums[32];
+  if constexpr (MR * NR + NR <= 16) {  // the offsets ride along in the same tree
+    __m512i all[16];
+    for (int i = 0; i < MR; ++i)
+      for (int r = 0; r < NR; ++r) all[i * NR + r] = acc[i][r];
+    for (int r = 0; r < NR; ++r) all[MR * NR + r] = off[r];
+    hsum16(all, MR * NR + NR, sums);
+  } else {
+    hsum16(&acc[0][0], MR * NR, sums);
+    hsum16(off, NR, sums + MR * NR);
   }
+  for (int i = 0; i < MR; ++i)
+    for (int r = 0; r < nr; ++r) y[i * N + r] = sums[i * NR + r] - sums[MR * NR + r];
 }
 
 void s8_rows(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t K, int64_t N,
@@ -329,8 +452,24 @@ ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     return ffi::Error::Success();
   }
   const void* wp = w.untyped_data();
+#ifdef __AVX512BF16__
+  if (transposed && bf16) {
+    std::vector<uint16_t> xh(size_t(M * K));
+    for (int64_t i = 0; i < M * K; ++i) {
+      uint32_t u;
+      std::memcpy(&u, xp + i, 4);
+      xh[i] = uint16_t(u >> 16);
+    }
+    const uint16_t* xhp = xh.data();
+    const Split s(N, 16, threads);
+    parallel_chunks(pool, s.chunks, [=](int64_t c) {
+      nk_rows_bh(xhp, static_cast<const uint16_t*>(wp), yp, M, K, N, s.lo(c), s.hi(c));
+    });
+    return ffi::Error::Success();
+  }
+#endif
   if (transposed) {
-    const Split s(N, 8, threads);
+    const Split s(N, 16, threads);
     parallel_chunks(pool, s.chunks, [=](int64_t c) {
       bf16 ? nk_rows(xp, static_cast<const uint16_t*>(wp), yp, M, K, N, s.lo(c), s.hi(c))
            : nk_rows(xp, static_cast<const float*>(wp), yp, M, K, N, s.lo(c), s.hi(c));
@@ -379,7 +518,7 @@ ffi::Error matmul_s8(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   for (int64_t i = 0; i < M * K; ++i) (*xu)[i] = xs[i] ^ 0x80;
   const int8_t* wp = static_cast<const int8_t*>(w.untyped_data());
   const int64_t threads = Workers::get().size();
-  const Split s(N, 8, threads);
+  const Split s(N, 16, threads);
   const uint8_t* xup = xu->data();
   parallel_chunks(pool, s.chunks,
                   [=](int64_t c) { s8_rows(xup, wp, yp, M, K, N, s.lo(c), s.hi(c)); });

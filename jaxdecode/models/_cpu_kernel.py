@@ -29,11 +29,13 @@ import jax
 import jax.numpy as jnp
 
 __all__ = ["available", "enabled", "set_enabled", "build_error", "matmul_f32", "matmul_s8",
-           "MAX_ROWS"]
+           "MAX_ROWS", "takes"]
 
-# Up to this many rows (after flattening leading dims) a product goes to the kernel; more
-# rows are compute-bound and XLA's blocked GEMM is faster.
-MAX_ROWS = 16
+# Up to this many rows a product goes to the kernel, per operand dtype; with more rows the
+# product is compute-bound and XLA's library GEMMs win (measured on a chain of SmolLM2's 120
+# layer products, Intel Xeon 2 cores: the kernel is ahead up to 8 float32 rows, 4 bfloat16
+# rows and 2 int8 rows).
+MAX_ROWS = {"float32": 8, "bfloat16": 4, "int8": 2}
 
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cc")
 _lock = threading.Lock()
@@ -124,20 +126,42 @@ def set_enabled(on: bool) -> None:
     _state["enabled"] = on
 
 
+def takes(x) -> bool:
+    """Whether a product with operand ``x: [M, in]`` (float32, bfloat16 or int8) should run on
+    the kernel: it is on and M is within ``MAX_ROWS`` for that dtype. Decided at trace time."""
+    return x.shape[0] <= MAX_ROWS.get(jnp.dtype(x.dtype).name, 0) and enabled()
+
+
 def _call(name, x, w, out_dtype, **attrs):
-    rows = x.shape[:-1]
-    n = w.shape[-2] if attrs.get("transposed", True) else w.shape[-1]
-    out = jax.ShapeDtypeStruct((*rows, n), out_dtype)
-    # Under vmap the batch goes in front of x as more rows; w stays unbatched (size-1 dims).
-    return jax.ffi.ffi_call(name, out, vmap_method="expand_dims")(x, w, **attrs)
+    """The ffi call for ``x: [M, in]``; under ``vmap`` a batch of ``x`` becomes more rows and a
+    batch of ``w`` (an ensemble) runs one call per member."""
+    @jax.custom_batching.custom_vmap
+    def call(x, w):
+        n = w.shape[-2] if attrs.get("transposed", True) else w.shape[-1]
+        out = jax.ShapeDtypeStruct((x.shape[0], n), out_dtype)
+        return jax.ffi.ffi_call(name, out)(x, w, **attrs)
+
+    @call.def_vmap
+    def _(axis_size, in_batched, x, w):
+        x_batched, w_batched = in_batched
+        if w_batched:
+            xs = x if x_batched else jnp.broadcast_to(x, (axis_size, *x.shape))
+            return jax.lax.map(lambda a: call(*a), (xs, w)), True
+        y = call(x.reshape(-1, x.shape[-1]), w)
+        return y.reshape(*x.shape[:-1], y.shape[-1]), True
+
+    return call(x, w)
 
 
 def matmul_f32(x, w, *, transposed: bool):
     """float32 ``x @ w`` (``w: [in, out]``, or ``[out, in]`` with ``transposed``) for float32 or
-    bfloat16 ``w``; ``x: float32[..., in]``. CPU only: call it inside ``lax.platform_dependent``."""
-    return _call("jd_matmul_f32", x.astype(jnp.float32), w, jnp.float32, transposed=transposed)
+    bfloat16 ``w``; ``x: [M, in]`` is rounded to ``w``'s dtype first (as XLA's bfloat16 dot
+    does; the kernel multiplies bfloat16 pairs). CPU only: call it inside
+    ``lax.platform_dependent``."""
+    x = x.astype(w.dtype).astype(jnp.float32)
+    return _call("jd_matmul_f32", x, w, jnp.float32, transposed=transposed)
 
 
 def matmul_s8(x, w):
-    """Exact int32 ``x @ w.T`` for ``x: int8[..., in]`` and ``w: int8[out, in]``. CPU only."""
+    """Exact int32 ``x @ w.T`` for ``x: int8[M, in]`` and ``w: int8[out, in]``. CPU only."""
     return _call("jd_matmul_s8", x, w, jnp.int32)

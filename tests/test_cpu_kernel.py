@@ -1,0 +1,208 @@
+"""The optional CPU kernel (jaxdecode/models/_cpu_kernel.*) against NumPy, against XLA's dot
+(the fallback), under vmap and grad, inside a model, and with the kernel unavailable."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jaxdecode.models import _common, _cpu_kernel
+
+HAS_AVX512 = all(f in open("/proc/cpuinfo").read().split() for f in ("avx512f", "avx512bw", "avx512_vnni")) \
+    if os.path.exists("/proc/cpuinfo") else False
+HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+needs_kernel = pytest.mark.skipif(not _cpu_kernel.available(),
+                                  reason=f"CPU kernel not built: {_cpu_kernel.build_error()}")
+
+SHAPES = [(1, 576, 960), (2, 64, 4), (3, 577, 61), (4, 100, 33), (8, 1536, 576), (9, 48, 130),
+          (16, 200, 17)]
+
+
+@pytest.fixture(scope="module")
+def tiny_llama():
+    """GQA, a tied head (the output-major product) and an untied-size MLP, fused like a load."""
+    from jaxdecode.models import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(vocab_size=96, dim=64, n_layers=2, n_heads=4, n_kv_heads=2, hidden_dim=160,
+                        max_seq_len=64, tie_embeddings=True)
+    return Decoder.init(jax.random.key(0), cfg).fuse()
+
+
+def test_builds_where_the_machine_can():
+    """Where the CPU has AVX-512 F/BW/VNNI and a compiler exists, the kernel must build: a
+    broken build would otherwise pass silently on the fallback."""
+    if sys.platform.startswith("linux") and HAS_AVX512 and HAS_CXX \
+            and os.environ.get("JAXDECODE_CPU_KERNEL", "1") != "0":
+        assert _cpu_kernel.available(), _cpu_kernel.build_error()
+        assert _cpu_kernel.build_error() is None
+    else:
+        assert not _cpu_kernel.available() and _cpu_kernel.build_error()
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", SHAPES)
+@pytest.mark.parametrize("transposed", [False, True])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_float_kernel_matches_numpy(m, k, n, transposed, dtype):
+    rng = np.random.default_rng(m * 1000 + k + n)
+    x = rng.standard_normal((m, k)).astype(np.float32)
+    w = jnp.asarray(rng.standard_normal((n, k) if transposed else (k, n)), jnp.float32).astype(dtype)
+    wf = np.asarray(w.astype(jnp.float32), np.float64)
+    xr = np.asarray(jnp.asarray(x).astype(dtype).astype(jnp.float32), np.float64)  # x in w's dtype
+    ref = xr @ (wf.T if transposed else wf)
+    got = np.asarray(jax.jit(lambda x, w: _cpu_kernel.matmul_f32(x, w, transposed=transposed))(x, w))
+    assert got.shape == (m, n) and got.dtype == np.float32
+    np.testing.assert_allclose(got, ref, rtol=1e-5, atol=2e-6 * np.sqrt(k) * 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("m,k,n", SHAPES + [(5, 4096, 9), (1, 65, 8)])
+def test_int8_kernel_is_exact(m, k, n):
+    rng = np.random.default_rng(k + n)
+    x = rng.integers(-127, 128, (m, k)).astype(np.int8)
+    w = rng.integers(-127, 128, (n, k)).astype(np.int8)
+    got = np.asarray(jax.jit(_cpu_kernel.matmul_s8)(x, w))
+    assert got.dtype == np.int32
+    np.testing.assert_array_equal(got, x.astype(np.int64) @ w.T.astype(np.int64))
+    # the extremes: -127 x -127 everywhere (the u8 shift must not overflow)
+    full = np.full((m, k), -127, np.int8)
+    np.testing.assert_array_equal(np.asarray(_cpu_kernel.matmul_s8(full, np.full((n, k), -127, np.int8))),
+                                  np.full((m, n), 127 * 127 * k))
+
+
+@needs_kernel
+@pytest.mark.parametrize("transposed", [False, True])
+def test_a_row_does_not_depend_on_its_batch(transposed):
+    """Each output is summed in an order fixed by K alone: a row gives the same bits alone and
+    among 7 others (so batched and single decoding agree exactly)."""
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((8, 576)).astype(np.float32)
+    w = rng.standard_normal((960, 576) if transposed else (576, 960)).astype(np.float32)
+    f = jax.jit(lambda x, w: _cpu_kernel.matmul_f32(x, w, transposed=transposed))
+    whole = np.asarray(f(x, w))
+    for i in (0, 3, 7):
+        np.testing.assert_array_equal(np.asarray(f(x[i:i + 1], w))[0], whole[i])
+
+
+@needs_kernel
+def test_vmap_folds_rows_and_maps_batched_weights():
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((5, 2, 64)).astype(np.float32)
+    w = rng.standard_normal((64, 48)).astype(np.float32)
+    ws = rng.standard_normal((5, 64, 48)).astype(np.float32)
+    mm = lambda x, w: _cpu_kernel.matmul_f32(x, w, transposed=False)  # noqa: E731
+    np.testing.assert_allclose(jax.vmap(mm, (0, None))(x, w), x @ w, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(mm)(x, ws), x @ ws, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(jax.vmap(mm, (None, 0))(x[0], ws), x[0] @ ws, rtol=1e-5, atol=1e-5)
+
+
+def _lowered(fn, *args) -> str:
+    return jax.jit(fn).lower(*args).as_text()
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_matmul_uses_the_kernel_for_few_rows_only_and_agrees_with_xla(dtype):
+    rng = np.random.default_rng(2)
+    w = rng.standard_normal((96, 80)).astype(np.float32) * 0.1
+    weight = _common.quantize_int8(w) if dtype == "int8" else jnp.asarray(w).astype(dtype)
+    limit = _cpu_kernel.MAX_ROWS["int8" if dtype == "int8" else dtype]
+    few = rng.standard_normal((limit, 96)).astype(np.float32)
+    many = rng.standard_normal((limit + 1, 96)).astype(np.float32)
+    mm = lambda x: _common.matmul(x, weight)  # noqa: E731
+    assert "jd_matmul" in _lowered(mm, few)
+    assert "jd_matmul" not in _lowered(mm, many)
+    fast = np.asarray(jax.jit(mm)(few))
+    _cpu_kernel.set_enabled(False)
+    try:
+        jax.clear_caches()
+        assert "jd_matmul" not in _lowered(mm, few)
+        slow = np.asarray(jax.jit(mm)(few))
+    finally:
+        _cpu_kernel.set_enabled(True)
+        jax.clear_caches()
+    if dtype == "int8":
+        np.testing.assert_array_equal(fast, slow)  # int32 products are exact either way
+    else:
+        np.testing.assert_allclose(fast, slow, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_grad_flows_through_the_fast_path():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((2, 32)).astype(np.float32)
+    w = rng.standard_normal((32, 16)).astype(np.float32)
+    loss = lambda x, w: jnp.sum(jnp.sin(_common.matmul(x, w)))  # noqa: E731
+    gx, gw = jax.grad(loss, argnums=(0, 1))(x, w)
+    c = np.cos(x @ w)
+    np.testing.assert_allclose(gx, c @ w.T, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(gw, x.T @ c, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
+def test_a_decoder_with_and_without_the_kernel(dtype, tiny_llama):
+    """The tiny Llama's greedy tokens and step logits with the kernel equal XLA's path."""
+    import jaxdecode
+
+    model = tiny_llama
+    if dtype == "int8":
+        model = model.quantize()
+    elif dtype == "bfloat16":
+        model = model.astype(jnp.bfloat16)
+    prompt = jnp.array([[1, 5, 9, 2], [3, 3, 7, 1]], jnp.int32)
+
+    def run():
+        jax.clear_caches()
+        out = jaxdecode.generate(model, prompt, 12, temperature=0.0)
+        return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
+
+    fast = run()
+    _cpu_kernel.set_enabled(False)
+    try:
+        slow = run()
+    finally:
+        _cpu_kernel.set_enabled(True)
+        jax.clear_caches()
+    np.testing.assert_array_equal(fast[0], slow[0])
+    np.testing.assert_allclose(fast[1], slow[1], atol=1e-4 if dtype != "bfloat16" else 2e-2)
+
+
+def test_set_enabled_takes_a_bool():
+    with pytest.raises(TypeError, match="set_enabled: on must be a bool, got 1"):
+        _cpu_kernel.set_enabled(1)
+
+
+def _subprocess(code, **env):
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, **env})
+
+
+SCRIPT = """
+import jax.numpy as jnp, numpy as np
+from jaxdecode.models import _common, _cpu_kernel
+print("available", _cpu_kernel.available(), "|", _cpu_kernel.build_error())
+x = np.ones((1, 8), np.float32); w = np.arange(16, dtype=np.float32).reshape(8, 2)
+print("result", np.asarray(_common.matmul(x, w)).tolist())
+"""
+
+
+def test_disabled_by_the_environment_falls_back():
+    run = _subprocess(SCRIPT, JAXDECODE_CPU_KERNEL="0")
+    assert run.returncode == 0, run.stderr
+    assert "available False | disabled by JAXDECODE_CPU_KERNEL" in run.stdout
+    assert "result [[56.0, 64.0]]" in run.stdout
+
+
+def test_a_failing_compiler_falls_back(tmp_path):
+    """No usable compiler (here one that always fails): the kernel is unavailable, says why, and
+    every matmul still runs on XLA's dot."""
+    run = _subprocess(SCRIPT, CXX="false", JAXDECODE_CACHE_DIR=str(tmp_path))
+    assert run.returncode == 0, run.stderr
+    assert "available False | RuntimeError: false failed" in run.stdout
+    assert "result [[56.0, 64.0]]" in run.stdout
