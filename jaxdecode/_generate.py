@@ -62,7 +62,7 @@ _FN_STREAM = "jaxdecode.generate_stream"
 
 # Buckets (smallest, ratio) for KV-cached models. The prompt bucket costs prefill compute (at
 # most 2x the tokens); the decode-step bucket costs only skipped steps (a cond each).
-PROMPT_BUCKETS = (16, 2)
+PROMPT_BUCKETS = (8, 2)  # 8, 16, 32, ...: a short prompt then prefills on the few-row CPU kernel
 STEP_BUCKETS = (16, 4)
 
 

@@ -285,9 +285,10 @@ def test_buckets_compile_once_per_bucket_pair():
         return G._generate_jit._cache_size() - before
 
     # 25 prompt lengths in 3..200 at one max_new_tokens: one compile per prompt bucket
-    # (16, 32, 64, 128, 256), not per length.
+    # (8, 16, 32, 64, 128, 256), not per length.
     lengths = sorted(set(np.linspace(3, 200, 25).astype(int).tolist()))
-    assert compiles([(p, 40) for p in lengths]) == 5
+    assert {G.bucket(p, *G.PROMPT_BUCKETS) for p in lengths} == {8, 16, 32, 64, 128, 256}
+    assert compiles([(p, 40) for p in lengths]) == 6
     # 25 values of max_new_tokens in 5..300 at one prompt length: step buckets 16, 64, 256, 1024.
     news = sorted(set(np.linspace(5, 300, 25).astype(int).tolist()))
     assert compiles([(7, n) for n in news]) <= 4

@@ -158,8 +158,10 @@ def test_context_size_attribute_is_used():
     assert window(WithContext(V), context_size=None) == 3
     assert window(WithContext(V), context_size=5) == 5  # the argument wins
     assert window(ContextProbe(V), context_size=None) == P + N  # unlimited: the whole buffer
-    # KV cache slots: the prompt bucket (16) + the step bucket (16) - 1, clipped to context_size.
-    assert window(PLUS_CACHED, context_size=None) == 16 + 16 - 1
+    # KV cache slots: the prompt bucket (8 for this 6-token prompt) + the step bucket (16) - 1,
+    # clipped to context_size.
+    assert G.bucket(PROMPT.shape[1], *G.PROMPT_BUCKETS) == 8
+    assert window(PLUS_CACHED, context_size=None) == 8 + 16 - 1
     assert window(PLUS_CACHED, context_size=P + N - 1) == P + N - 1
 
 

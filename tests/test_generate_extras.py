@@ -38,7 +38,7 @@ def test_num_samples_prefills_each_prompt_once():
     model = jaxdecode.CachedModel(CACHED.init_cache, step)
     jaxdecode.generate(model, PROMPT, 2, num_samples=4, prompt_lengths=LENGTHS, key=jax.random.key(0))
     jax.effects_barrier()
-    assert calls[0] == (2, 16)  # prefill: the 2 prompts, once each (padded to the 16-token bucket)
+    assert calls[0] == (2, 8)  # prefill: the 2 prompts, once each (padded to the 8-token bucket)
     assert all(c == (8, 1) for c in calls[1:])  # decode: 8 rows
 
 
