@@ -1,8 +1,9 @@
 // Few-row matrix products for XLA:CPU, called through jax.ffi (see _cpu_kernel.py).
 //
 // Decoding multiplies 1-8 activation rows by each weight matrix: the time is the weight
-// stream from memory. These kernels read every weight byte once per call, from both cores,
-// with AVX-512 (f32 FMA, bf16 widened to f32, int8 via VNNI). Each output element is summed
+// stream from memory. These kernels read every weight byte once per call, from every core,
+// with AVX-512 (f32 FMA; bf16 widened to f32, or bf16 pair dots for output-major matrices;
+// int8 via VNNI). Each output element is summed
 // in an order that depends only on K, never on how many rows are in the call, so a row's
 // result does not change with the batch it is in.
 //
@@ -36,15 +37,6 @@ namespace ffi = xla::ffi;
 #endif
 
 namespace {
-#ifndef NK_NR1
-#define NK_NR1 8
-#endif
-#ifndef NK_PF
-#define NK_PF 1
-#endif
-#ifndef KN_PF
-#define KN_PF 1
-#endif
 
 // ---- threads. Decoding calls these kernels ~150 times per token with a few microseconds of
 // XLA work between calls; waking a sleeping thread costs about as long as a small call. So the
@@ -157,6 +149,10 @@ inline __m512 load16(const uint16_t* p, __mmask16 m) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
 }
 
+// Hardware prefetchers lose the thread when a tile's short rows end; asking for the next
+// tile's (or the next rows') lines while this one is summed keeps the stream full.
+inline void prefetch(const void* p) { _mm_prefetch(static_cast<const char*>(p), _MM_HINT_T0); }
+
 inline __mmask16 tail16(int64_t left) {
   return left >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << left) - 1);
 }
@@ -216,7 +212,7 @@ void nk_tile(const float* x, const W* const* wr, float* y, int64_t nr, int64_t K
     const __mmask16 mk = tail16(K - k);
     __m512 wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = load16(wr[r] + k, mk);
-    if (NK_PF) for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + NK_PF * NR * K), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) prefetch(wr[r] + k + NR * K);  // the next tile's rows
     for (int i = 0; i < MR; ++i) {
       const __m512 xv = load16(x + i * K + k, mk);
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_fmadd_ps(xv, wv[r], acc[i][r]);
@@ -227,30 +223,6 @@ void nk_tile(const float* x, const W* const* wr, float* y, int64_t nr, int64_t K
   hsum16(&acc[0][0], MR * NR, sums);
   for (int i = 0; i < MR; ++i)
     for (int r = 0; r < nr; ++r) y[i * N + r] = sums[i * NR + r];
-}
-
-template <class W>
-void nk_rows(const float* x, const W* w, float* y, int64_t M, int64_t K, int64_t N,
-             int64_t n0, int64_t n1) {
-  const int NR = M == 1 ? NK_NR1 : 4;
-  for (int64_t n = n0; n < n1; n += NR) {
-    const int64_t nr = std::min<int64_t>(NR, n1 - n);
-    const W* wr[16];
-    for (int r = 0; r < NR; ++r) wr[r] = w + (n + std::min<int64_t>(r, nr - 1)) * K;
-    if (M == 1) {
-      nk_tile<1, NK_NR1>(x, wr, y + n, nr, K, N);
-      continue;
-    }
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m);
-      const float* xm = x + m * K;
-      float* ym = y + m * N + n;
-      if (mr == 4) nk_tile<4, 4>(xm, wr, ym, nr, K, N);
-      else if (mr == 3) nk_tile<3, 4>(xm, wr, ym, nr, K, N);
-      else if (mr == 2) nk_tile<2, 4>(xm, wr, ym, nr, K, N);
-      else nk_tile<1, 4>(xm, wr, ym, nr, K, N);
-    }
-  }
 }
 
 #ifdef __AVX512BF16__
@@ -268,7 +240,7 @@ void nk_tile_bh(const uint16_t* x, const uint16_t* const* wr, float* y, int64_t 
     const __mmask32 mk = left >= 32 ? ~__mmask32(0) : ((__mmask32(1) << left) - 1);
     __m512bh wv[NR];
     for (int r = 0; r < NR; ++r) wv[r] = (__m512bh)_mm512_maskz_loadu_epi16(mk, wr[r] + k);
-    if (NK_PF) for (int r = 0; r < NR; ++r) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + NK_PF * NR * K), _MM_HINT_T0);
+    for (int r = 0; r < NR; ++r) prefetch(wr[r] + k + NR * K);  // the next tile's rows
     for (int i = 0; i < MR; ++i) {
       const __m512bh xv = (__m512bh)_mm512_maskz_loadu_epi16(mk, x + i * K + k);
       for (int r = 0; r < NR; ++r) acc[i][r] = _mm512_dpbf16_ps(acc[i][r], xv, wv[r]);
@@ -281,28 +253,6 @@ void nk_tile_bh(const uint16_t* x, const uint16_t* const* wr, float* y, int64_t 
     for (int r = 0; r < nr; ++r) y[i * N + r] = sums[i * NR + r];
 }
 
-void nk_rows_bh(const uint16_t* x, const uint16_t* w, float* y, int64_t M, int64_t K, int64_t N,
-                int64_t n0, int64_t n1) {
-  const int NR = M == 1 ? 16 : 4;
-  for (int64_t n = n0; n < n1; n += NR) {
-    const int64_t nr = std::min<int64_t>(NR, n1 - n);
-    const uint16_t* wr[16];
-    for (int r = 0; r < NR; ++r) wr[r] = w + (n + std::min<int64_t>(r, nr - 1)) * K;
-    if (M == 1) {
-      nk_tile_bh<1, 16>(x, wr, y + n, nr, K, N);
-      continue;
-    }
-    for (int64_t m = 0; m < M; m += 4) {
-      const int64_t mr = std::min<int64_t>(4, M - m);
-      const uint16_t* xm = x + m * K;
-      float* ym = y + m * N + n;
-      if (mr == 4) nk_tile_bh<4, 4>(xm, wr, ym, nr, K, N);
-      else if (mr == 3) nk_tile_bh<3, 4>(xm, wr, ym, nr, K, N);
-      else if (mr == 2) nk_tile_bh<2, 4>(xm, wr, ym, nr, K, N);
-      else nk_tile_bh<1, 4>(xm, wr, ym, nr, K, N);
-    }
-  }
-}
 #endif
 
 // ---- w [K, N] (input-major): worker c takes the rows [k0, k1) of w, a contiguous stretch of
@@ -321,9 +271,8 @@ inline void kn_rows(const float* x, const W* w, float* p, int64_t M, int64_t K, 
       float* pm = p + m * N;
       for (int64_t j = jb; j < je; j += 16) {
         const __mmask16 mk = tail16(je - j);
-        if (KN_PF && m == 0)
-          for (int r = 0; r < R; ++r)
-            _mm_prefetch(reinterpret_cast<const char*>(rows[r] + j + KN_PF * R * N), _MM_HINT_T0);
+        if (m == 0)
+          for (int r = 0; r < R; ++r) prefetch(rows[r] + j + R * N);  // the next R rows
         __m512 acc = _mm512_maskz_loadu_ps(mk, pm + j);
         for (int r = 0; r < R; ++r) acc = _mm512_fmadd_ps(xb[r], load16(rows[r] + j, mk), acc);
         _mm512_mask_storeu_ps(pm + j, mk, acc);
@@ -358,7 +307,7 @@ void s8_tile(const uint8_t* xu, const int8_t* const* wr, int32_t* y, int64_t nr,
     __m512i wv[NR];
     for (int r = 0; r < NR; ++r) {
       wv[r] = _mm512_maskz_loadu_epi8(mk, wr[r] + k);
-      if (NK_PF) _mm_prefetch(reinterpret_cast<const char*>(wr[r] + k + NK_PF * NR * K), _MM_HINT_T0);
+      prefetch(wr[r] + k + NR * K);  // the next tile's rows
       off[r] = _mm512_dpbusd_epi32(off[r], bias, wv[r]);
     }
     for (int i = 0; i < MR; ++i) {
@@ -382,28 +331,59 @@ void s8_tile(const uint8_t* xu, const int8_t* const* wr, int32_t* y, int64_t nr,
     for (int r = 0; r < nr; ++r) y[i * N + r] = sums[i * NR + r] - sums[MR * NR + r];
 }
 
-void s8_rows(const uint8_t* xu, const int8_t* w, int32_t* y, int64_t M, int64_t K, int64_t N,
-             int64_t n0, int64_t n1) {
+// ---- the output-major driver: tiles of 8 output rows for one activation row (16 accumulators
+// with the int8 offsets), else 4 output rows by up to 4 activation rows; Tile<MR, NR>::run
+// computes one tile. The weight rows of a tile are read from memory once, for the first rows
+// of x, and from L1 for the others.
+template <template <int, int> class Tile, class X, class W, class Y>
+void output_major(const X* x, const W* w, Y* y, int64_t M, int64_t K, int64_t N, int64_t n0,
+                  int64_t n1) {
   const int NR = M == 1 ? 8 : 4;
   for (int64_t n = n0; n < n1; n += NR) {
     const int64_t nr = std::min<int64_t>(NR, n1 - n);
-    const int8_t* wr[8];
+    const W* wr[8];
     for (int r = 0; r < NR; ++r) wr[r] = w + (n + std::min<int64_t>(r, nr - 1)) * K;
     if (M == 1) {
-      s8_tile<1, 8>(xu, wr, y + n, nr, K, N);
+      Tile<1, 8>::run(x, wr, y + n, nr, K, N);
       continue;
     }
     for (int64_t m = 0; m < M; m += 4) {
       const int64_t mr = std::min<int64_t>(4, M - m);
-      const uint8_t* xm = xu + m * K;
-      int32_t* ym = y + m * N + n;
-      if (mr == 4) s8_tile<4, 4>(xm, wr, ym, nr, K, N);
-      else if (mr == 3) s8_tile<3, 4>(xm, wr, ym, nr, K, N);
-      else if (mr == 2) s8_tile<2, 4>(xm, wr, ym, nr, K, N);
-      else s8_tile<1, 4>(xm, wr, ym, nr, K, N);
+      const X* xm = x + m * K;
+      Y* ym = y + m * N + n;
+      if (mr == 4) Tile<4, 4>::run(xm, wr, ym, nr, K, N);
+      else if (mr == 3) Tile<3, 4>::run(xm, wr, ym, nr, K, N);
+      else if (mr == 2) Tile<2, 4>::run(xm, wr, ym, nr, K, N);
+      else Tile<1, 4>::run(xm, wr, ym, nr, K, N);
     }
   }
 }
+
+template <int MR, int NR>
+struct FloatTile {
+  template <class W>
+  static void run(const float* x, const W* const* wr, float* y, int64_t nr, int64_t K, int64_t N) {
+    nk_tile<MR, NR>(x, wr, y, nr, K, N);
+  }
+};
+
+template <int MR, int NR>
+struct Int8Tile {
+  static void run(const uint8_t* x, const int8_t* const* wr, int32_t* y, int64_t nr, int64_t K,
+                  int64_t N) {
+    s8_tile<MR, NR>(x, wr, y, nr, K, N);
+  }
+};
+
+#ifdef __AVX512BF16__
+template <int MR, int NR>
+struct PairTile {
+  static void run(const uint16_t* x, const uint16_t* const* wr, float* y, int64_t nr, int64_t K,
+                  int64_t N) {
+    nk_tile_bh<MR, NR>(x, wr, y, nr, K, N);
+  }
+};
+#endif
 
 // Output range [n0, n1) of chunk c when N is cut into pieces of `step` (a multiple of it).
 struct Split {
@@ -463,7 +443,7 @@ ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
     const uint16_t* xhp = xh.data();
     const Split s(N, 16, threads);
     parallel_chunks(pool, s.chunks, [=](int64_t c) {
-      nk_rows_bh(xhp, static_cast<const uint16_t*>(wp), yp, M, K, N, s.lo(c), s.hi(c));
+      output_major<PairTile>(xhp, static_cast<const uint16_t*>(wp), yp, M, K, N, s.lo(c), s.hi(c));
     });
     return ffi::Error::Success();
   }
@@ -471,8 +451,8 @@ ffi::Error matmul_f32(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   if (transposed) {
     const Split s(N, 16, threads);
     parallel_chunks(pool, s.chunks, [=](int64_t c) {
-      bf16 ? nk_rows(xp, static_cast<const uint16_t*>(wp), yp, M, K, N, s.lo(c), s.hi(c))
-           : nk_rows(xp, static_cast<const float*>(wp), yp, M, K, N, s.lo(c), s.hi(c));
+      bf16 ? output_major<FloatTile>(xp, static_cast<const uint16_t*>(wp), yp, M, K, N, s.lo(c), s.hi(c))
+           : output_major<FloatTile>(xp, static_cast<const float*>(wp), yp, M, K, N, s.lo(c), s.hi(c));
     });
     return ffi::Error::Success();
   }
@@ -521,7 +501,7 @@ ffi::Error matmul_s8(ffi::ThreadPool pool, ffi::AnyBuffer x, ffi::AnyBuffer w,
   const Split s(N, 16, threads);
   const uint8_t* xup = xu->data();
   parallel_chunks(pool, s.chunks,
-                  [=](int64_t c) { s8_rows(xup, wp, yp, M, K, N, s.lo(c), s.hi(c)); });
+                  [=](int64_t c) { output_major<Int8Tile>(xup, wp, yp, M, K, N, s.lo(c), s.hi(c)); });
   return ffi::Error::Success();
 }
 

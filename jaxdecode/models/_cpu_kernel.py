@@ -56,7 +56,7 @@ def _build() -> Path:
     if not cxx:
         raise RuntimeError("no C++ compiler found (set CXX, or install g++)")
     flags = ["-O3", "-march=native", "-std=c++17", "-w", "-shared", "-fPIC",
-             "-I", jax.ffi.include_dir(), *os.environ.get("JD_CXXFLAGS", "").split()]
+             "-I", jax.ffi.include_dir()]
     tag = hashlib.sha256(src + " ".join([cxx, *flags, jax.__version__, _cpu_id()]).encode())
     out = _cache_dir() / f"jd_cpu_kernel_{tag.hexdigest()[:16]}.so"
     if out.exists():
