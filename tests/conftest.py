@@ -1,5 +1,8 @@
 """Shared fixtures for the sampling / processor / seed tests (kept deliberately small)."""
 
+import os
+import pathlib
+
 import numpy as np
 import pytest
 
@@ -66,3 +69,26 @@ def _release_compiled_programs():
 
         jax.clear_caches()
         gc.collect()
+
+
+def private_cache_dir(tmp_path) -> str:
+    """A fresh ``JAXDECODE_CACHE_DIR`` for a ``jaxdecode`` subprocess (its own persistent XLA
+    cache) whose ``kernels/`` is this session's: the CPU kernel is built once per source, and
+    without the link every such subprocess would spend 3-5 s compiling it again with g++."""
+    from jaxdecode.models import _cpu_kernel
+
+    root = pathlib.Path(tmp_path) / "xla"
+    root.mkdir(parents=True, exist_ok=True)
+    if _cpu_kernel.available() and not (root / "kernels").exists():
+        os.symlink(_SESSION_KERNELS, root / "kernels", target_is_directory=True)
+    return str(root)
+
+
+def _session_kernels() -> pathlib.Path:
+    from jaxdecode.models import _cpu_kernel
+
+    _cpu_kernel.available()  # built (or found) here, before a test points JAXDECODE_CACHE_DIR elsewhere
+    return _cpu_kernel._cache_dir()
+
+
+_SESSION_KERNELS = _session_kernels()

@@ -27,6 +27,7 @@ import numpy as np
 
 import jaxdecode
 from jaxdecode import _cli
+from conftest import private_cache_dir
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 TINY = str(ROOT / "tests" / "fixtures" / "gpt2_tiny")
@@ -64,7 +65,7 @@ def run(capsys, *argv):
 
 
 def _env(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXDECODE_CACHE_DIR=str(tmp_path / "xla"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXDECODE_CACHE_DIR=private_cache_dir(tmp_path))
     env.pop("COLUMNS", None)
     return env
 

@@ -36,6 +36,7 @@ from jaxdecode._server import ServingState, build_app  # noqa: E402
 from jaxdecode import _batch  # noqa: E402
 from jaxdecode.models import Tokenizer  # noqa: E402
 
+from conftest import private_cache_dir  # noqa: E402
 from fake_models import PlusOne, trigram_model  # noqa: E402
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -415,7 +416,7 @@ def test_cli_batch_and_serve_with_sigterm(tmp_path):
     streamed request in flight when SIGTERM arrives still ends cleanly, and the process exits."""
     import httpx
 
-    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXDECODE_CACHE_DIR=str(tmp_path / "xla"))
+    env = dict(os.environ, PYTHONPATH=str(ROOT), JAXDECODE_CACHE_DIR=private_cache_dir(tmp_path))
     inp, outp = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     inp.write_text("\n".join(json.dumps({"prompt": p, "max_tokens": 5, "temperature": 0}) for p in ("the", "a b")) + "\n")
     run = subprocess.run([sys.executable, "-m", "jaxdecode", "--input", str(inp), "--output", str(outp), "--model",
