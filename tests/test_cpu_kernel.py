@@ -19,8 +19,8 @@ HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 needs_kernel = pytest.mark.skipif(not _cpu_kernel.available(),
                                   reason=f"CPU kernel not built: {_cpu_kernel.build_error()}")
 
-SHAPES = [(1, 576, 960), (2, 64, 4), (3, 577, 61), (4, 100, 33), (8, 1536, 576), (9, 48, 130),
-          (16, 200, 17)]
+SHAPES = [(1, 576, 960), (2, 64, 4), (3, 577, 61), (4, 100, 33), (6, 130, 35), (8, 1536, 576),
+          (9, 48, 130), (16, 200, 17)]
 
 
 @pytest.fixture(scope="module")
@@ -171,6 +171,110 @@ def test_a_decoder_with_and_without_the_kernel(dtype, tiny_llama):
         jax.clear_caches()
     np.testing.assert_array_equal(fast[0], slow[0])
     np.testing.assert_allclose(fast[1], slow[1], atol=1e-4 if dtype != "bfloat16" else 2e-2)
+
+
+def _attention_reference(q, k, v, window, scale):
+    """Causal GQA in float64 NumPy, one head at a time."""
+    B, T, H, hd = q.shape
+    G = H // k.shape[2]
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    t, s = np.arange(T)[:, None], np.arange(T)[None, :]
+    mask = (s <= t) & ((window == 0) | (s > t - window))
+    out = np.zeros((B, T, H, hd))
+    for h in range(H):
+        scores = np.where(mask, np.einsum("btd,bsd->bts", q[:, :, h], k[:, :, h // G]) * scale, -np.inf)
+        p = np.exp(scores - scores.max(-1, keepdims=True))
+        out[:, :, h] = np.einsum("bts,bsd->btd", p / p.sum(-1, keepdims=True), v[:, :, h // G])
+    return out.reshape(B, T, H * hd)
+
+
+def _qkv(rng, B, T, H, KV, hd):
+    return tuple(rng.standard_normal(shape).astype(np.float32)
+                 for shape in ((B, T, H, hd), (B, T, KV, hd), (B, T, KV, hd)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("B,T,H,KV,hd,window", [
+    (1, 37, 9, 3, 64, 0), (2, 70, 4, 2, 128, 0), (1, 100, 4, 1, 256, 0), (1, 65, 9, 3, 64, 16),
+    (2, 33, 2, 2, 64, 5), (1, 1, 9, 3, 64, 0), (1, 16, 6, 3, 64, 0), (3, 48, 8, 4, 64, 40)])
+def test_causal_attention_kernel_matches_numpy(B, T, H, KV, hd, window):
+    """Prompt lengths on and off the 16-position blocks, windows shorter and longer than a
+    block, every head size the kernel takes; the scale is not 1/sqrt(hd) in every case."""
+    rng = np.random.default_rng(T * 10 + hd)
+    q, k, v = _qkv(rng, B, T, H, KV, hd)
+    scale = 0.1 if hd == 128 else 1 / np.sqrt(hd)
+    fn = lambda q, k, v: _common.causal_attention(q, k, v, window=window or None, scale=scale)  # noqa: E731
+    assert "jd_causal_attention" in _lowered(fn, q, k, v)
+    got = np.asarray(jax.jit(fn)(q, k, v))
+    assert got.shape == (B, T, H * hd) and got.dtype == np.float32
+    np.testing.assert_allclose(got, _attention_reference(q, k, v, window, scale), rtol=1e-5, atol=2e-6)
+
+
+@needs_kernel
+def test_causal_attention_kernel_under_vmap_and_grad():
+    rng = np.random.default_rng(4)
+    q, k, v = _qkv(rng, 4, 24, 4, 2, 64)
+    windows = jnp.asarray([0, 3, 8, 0], jnp.int32)
+    fn = lambda q, k, v, w: _common.causal_attention(q[None], k[None], v[None], window=w)[0]  # noqa: E731
+    for in_axes in ((0, 0, 0, None), (0, None, 0, None), (0, 0, 0, 0)):
+        w = windows if in_axes[3] == 0 else jnp.int32(5)
+        kk = k if in_axes[1] == 0 else k[0]
+        got = np.asarray(jax.vmap(fn, in_axes)(q, kk, v, w))
+        for i in range(4):
+            want = _attention_reference(q[i:i + 1], (k[i] if in_axes[1] == 0 else k[0])[None], v[i:i + 1],
+                                        int(windows[i]) if in_axes[3] == 0 else 5, 1 / 8)
+            np.testing.assert_allclose(got[i], want[0], rtol=1e-5, atol=2e-6)
+    # grad: the kernel's tangent comes from XLA's blocked attention
+    loss = lambda q, k, v: jnp.sum(jnp.sin(_common.causal_attention(q, k, v, window=6)))  # noqa: E731
+    fast = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    _cpu_kernel.set_enabled(False)
+    try:
+        jax.clear_caches()
+        slow = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
+    finally:
+        _cpu_kernel.set_enabled(True)
+        jax.clear_caches()
+    for a, b in zip(fast, slow):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_causal_attention_takes_the_kernel_only_for_its_head_sizes():
+    on = _cpu_kernel.enabled()
+    for hd in (16, 32, 64, 80, 128, 256):
+        assert _cpu_kernel.takes_attention(jnp.zeros((1, 4, 2, hd))) == (on and hd in (64, 128, 256))
+    q = jnp.zeros((1, 8, 2, 64))
+    softcapped = lambda q: _common.causal_attention(q, q, q, softcap=50.0)  # noqa: E731
+    assert "jd_causal_attention" not in _lowered(softcapped, q)
+
+
+@needs_kernel
+def test_prefill_with_and_without_the_attention_kernel():
+    """A 64-dim-head Llama: prefill lowers to the attention kernel, and a prompt longer than a
+    block gives the same greedy tokens and logprobs as XLA's attention."""
+    import jaxdecode
+    from jaxdecode.models import Decoder, DecoderConfig
+
+    cfg = DecoderConfig(vocab_size=80, dim=128, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96,
+                        max_seq_len=96, tie_embeddings=True)
+    model = Decoder.init(jax.random.key(1), cfg).fuse()
+    prompt = jnp.asarray(np.random.default_rng(5).integers(0, 80, (2, 37)), jnp.int32)
+    cache = model.init_cache(2, 64)
+    assert "jd_causal_attention" in jax.jit(model.prefill).lower(prompt, cache, jnp.asarray([36, 36])).as_text()
+
+    def run():
+        jax.clear_caches()
+        out = jaxdecode.generate(model, prompt, 10, temperature=0.0)
+        return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
+
+    fast = run()
+    _cpu_kernel.set_enabled(False)
+    try:
+        slow = run()
+    finally:
+        _cpu_kernel.set_enabled(True)
+        jax.clear_caches()
+    np.testing.assert_array_equal(fast[0], slow[0])
+    np.testing.assert_allclose(fast[1], slow[1], atol=1e-4)
 
 
 def test_set_enabled_takes_a_bool():

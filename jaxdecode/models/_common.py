@@ -333,17 +333,29 @@ def attention(q, k, v, mask, scale=None, softcap=None):
 
 
 def causal_attention(q, k, v, block: int = 64, *, window=None, scale=None, softcap=None):
-    """Causal grouped-query attention of a sequence over itself (positions 0..T-1), computed in
-    query blocks: block i attends only to keys ``0 .. (i+1) * block - 1``, so the work above the
-    diagonal is skipped (about half of it for long prompts) and each block's scores stay small
-    enough to live in cache. Equal to :func:`attention` with a lower-triangular mask.
-    ``window`` (int, may be traced; 0 or None: none) limits query p to keys
-    ``p - W < s <= p``.
+    """Causal grouped-query attention of a sequence over itself (positions 0..T-1). Equal to
+    :func:`attention` with a lower-triangular mask. ``window`` (int, may be traced; 0 or None:
+    none) limits query p to keys ``p - W < s <= p``.
 
-    Each block is one :func:`attention` call (one dot batched over rows and kv heads).
+    On CPU with the kernel built (``_cpu_kernel.takes_attention``: head size 64, 128 or 256, no
+    softcap) it runs there: each block of 32 positions keeps its scores in cache from the q.k
+    products through the softmax to the values (a 1024-token prefill's attention ~1.6x faster than
+    XLA's ops). Elsewhere, and for derivatives, :func:`_blocked_causal_attention` runs.
 
     q: [B, T, H, hd]; k, v: [B, T, KV, hd] (token-major, as projected). Returns [B, T, H * hd].
     """
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
+    if softcap is None and _cpu_kernel.takes_attention(q):
+        w = jnp.asarray(0 if window is None else window, jnp.int32)
+        return _causal_product_jit(q, k, v, w, scale, block).astype(q.dtype)
+    return _blocked_causal_attention(q, k, v, block, window, scale, softcap)
+
+
+def _blocked_causal_attention(q, k, v, block, window, scale, softcap):
+    """:func:`causal_attention` on XLA, in query blocks: block i attends only to keys
+    ``0 .. (i+1) * block - 1``, so the work above the diagonal is skipped (about half of it for
+    long prompts) and each block's scores stay small enough to live in cache. Each block is one
+    :func:`attention` call (one dot batched over rows and kv heads)."""
     T = q.shape[1]
     kh, vh = k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3)  # [B, KV, T, hd]
     outs = []
@@ -357,6 +369,32 @@ def causal_attention(q, k, v, block: int = 64, *, window=None, scale=None, softc
         outs.append(attention(q[:, start:stop], kh[:, :, :stop], vh[:, :, :stop], mask[None],
                               scale=scale, softcap=softcap))
     return outs[0] if len(outs) == 1 else jnp.concatenate(outs, axis=1)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(4, 5))
+def _causal_product(q, k, v, window, scale, block):
+    kernel = functools.partial(_cpu_kernel.causal_attention, scale=scale)
+
+    def fallback(q, k, v, window):
+        return _blocked_causal_attention(q, k, v, block, window, scale, None).astype(jnp.float32)
+
+    return jax.lax.platform_dependent(q, k, v, window, cpu=kernel, default=fallback)
+
+
+@_causal_product.defjvp
+def _causal_product_jvp(scale, block, primals, tangents):
+    # The kernel has no derivative rules: the tangent is XLA's blocked attention's.
+    q, k, v, window = primals
+    dq, dk, dv, _ = tangents
+
+    def f(q, k, v):
+        return _blocked_causal_attention(q, k, v, block, window, scale, None).astype(jnp.float32)
+
+    _, dout = jax.jvp(f, (q, k, v), (dq, dk, dv))
+    return _causal_product(q, k, v, window, scale, block), dout
+
+
+_causal_product_jit = jax.jit(_causal_product, static_argnums=(4, 5))
 
 
 def prefix_buckets(max_length: int, smallest: int = 128) -> tuple[int, ...]:

@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstring>
 #include <cstdlib>
+#include <cmath>
 #include <chrono>
 #include <condition_variable>
 #include <mutex>
@@ -569,6 +570,171 @@ ffi::Error matmul_s8(ffi::AnyBuffer x, ffi::AnyBuffer w,
   return ffi::Error::Success();
 }
 
+
+// ---- causal self-attention of a prompt (prefill): q f32[B, T, H, hd], k, v f32[B, T, KV, hd]
+// -> f32[B, T, H * hd]. Query position t sees keys s <= t (and s > t - window when window > 0).
+// XLA runs this as ~8 small ops per query block, most of their time spent moving the score
+// matrix between them; here a block of QB positions (times the G query heads of one kv head)
+// keeps its scores in L1/L2 from the q.k products through the softmax to the value products.
+constexpr int64_t QB = 16;
+
+// e^x for x <= 0, accurate to ~2 ulp (Cephes' expf polynomial; 2^n applied with scalef).
+inline __m512 exp_nonpos(__m512 x) {
+  x = _mm512_max_ps(x, _mm512_set1_ps(-87.33654f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+struct AttnShape {
+  int64_t B, T, H, KV, hd, window;
+  float scale;
+  int64_t Tp;  // T rounded up to 16: the row length of the transposed keys
+};
+
+// One task: batch row b, kv head g, positions [t0, t1). Rows r = (t - t0) * G + (head - g * G).
+// kt[(b * KV + g) * hd + d][s] = k[b, s, g, d], zero-padded to Tp columns: the keys of a kv head
+// as rows of hd, so a tile of scores is a sum over d of a query value times 16 keys.
+void transpose_keys(const float* k, float* kt, const AttnShape& a, int64_t b, int64_t g) {
+  float* dst = kt + (b * a.KV + g) * a.hd * a.Tp;
+  for (int64_t s = 0; s < a.Tp; ++s) {
+    const float* src = k + ((b * a.T + s) * a.KV + g) * a.hd;
+    for (int64_t d = 0; d < a.hd; ++d) dst[d * a.Tp + s] = s < a.T ? src[d] : 0.f;
+  }
+}
+
+template <int HV>
+void attend_block(const float* q, const float* ktall, const float* v, float* out, const AttnShape& a,
+                  int64_t b, int64_t g, int64_t t0, int64_t t1) {
+  constexpr int64_t hd = 16 * HV;
+  const int64_t G = a.H / a.KV, R = (t1 - t0) * G;
+  const int64_t lo = a.window > 0 ? std::max<int64_t>(0, t0 - a.window + 1) : 0;
+  const int64_t nk = t1 - lo, nkp = (nk + 15) / 16 * 16;
+  thread_local std::vector<float> buf;
+  buf.resize(size_t(R * hd + R * nkp + R));
+  float* qs = buf.data();       // [R, hd], scaled
+  const float* kt = ktall + (b * a.KV + g) * hd * a.Tp + lo;  // [hd, Tp], from key lo
+  float* sc = qs + R * hd;      // [R, nkp]: scores, then probabilities
+  float* inv = sc + R * nkp;    // [R]: 1 / row sum
+  const auto pos = [&](int64_t r) { return t0 + r / G; };
+  for (int64_t r = 0; r < R; ++r) {
+    const float* src = q + ((b * a.T + pos(r)) * a.H + g * G + r % G) * hd;
+    for (int64_t d = 0; d < hd; d += 16)
+      _mm512_storeu_ps(qs + r * hd + d, _mm512_mul_ps(_mm512_loadu_ps(src + d), _mm512_set1_ps(a.scale)));
+  }
+  // scores: tiles of 8 rows x 32 keys, up to the last key the tile's last row may see
+  for (int64_t i = 0; i < R; i += 8) {
+    const int64_t mr = std::min<int64_t>(8, R - i);
+    const int64_t jend = std::min(nkp, (pos(i + mr - 1) - lo + 1 + 15) / 16 * 16);
+    for (int64_t j = 0; j < jend; j += 32) {
+      const bool two = j + 16 < jend;
+      __m512 acc[8][2];
+      for (int m = 0; m < 8; ++m) acc[m][0] = acc[m][1] = _mm512_setzero_ps();
+      for (int64_t d = 0; d < hd; ++d) {
+        const __m512 w0 = _mm512_loadu_ps(kt + d * a.Tp + j);
+        const __m512 w1 = two ? _mm512_loadu_ps(kt + d * a.Tp + j + 16) : _mm512_setzero_ps();
+        for (int m = 0; m < 8; ++m) {
+          const __m512 xb = _mm512_set1_ps(qs[(i + std::min<int64_t>(m, mr - 1)) * hd + d]);
+          acc[m][0] = _mm512_fmadd_ps(xb, w0, acc[m][0]);
+          acc[m][1] = _mm512_fmadd_ps(xb, w1, acc[m][1]);
+        }
+      }
+      for (int m = 0; m < mr; ++m) {
+        _mm512_storeu_ps(sc + (i + m) * nkp + j, acc[m][0]);
+        if (two) _mm512_storeu_ps(sc + (i + m) * nkp + j + 16, acc[m][1]);
+      }
+    }
+  }
+  // softmax over each row's keys [jl, jh); zeros elsewhere up to the row tile's span
+  for (int64_t r = 0; r < R; ++r) {
+    const int64_t t = pos(r);
+    const int64_t jh = t - lo + 1;
+    const int64_t jl = a.window > 0 ? std::max<int64_t>(0, t - a.window + 1 - lo) : 0;
+    float* row = sc + r * nkp;
+    __m512 mx = _mm512_set1_ps(-INFINITY);
+    for (int64_t j = jl; j < jh; j += 16)
+      mx = _mm512_max_ps(mx, _mm512_mask_loadu_ps(_mm512_set1_ps(-INFINITY), tail16(jh - j), row + j));
+    const __m512 m = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+    __m512 sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < jl; ++j) row[j] = 0.f;
+    for (int64_t j = jl; j < jh; j += 16) {
+      const __mmask16 mk = tail16(jh - j);
+      const __m512 p = _mm512_maskz_mov_ps(mk, exp_nonpos(_mm512_sub_ps(_mm512_maskz_loadu_ps(mk, row + j), m)));
+      sum = _mm512_add_ps(sum, p);
+      _mm512_mask_storeu_ps(row + j, mk, p);
+    }
+    for (int64_t j = jh; j < nkp; ++j) row[j] = 0.f;
+    inv[r] = 1.f / _mm512_reduce_add_ps(sum);
+  }
+  // values: tiles of MR rows x hd, over the keys any row of the tile sees
+  constexpr int MR = HV >= 16 ? 1 : 16 / HV;
+  for (int64_t i = 0; i < R; i += MR) {
+    const int64_t mr = std::min<int64_t>(MR, R - i);
+    const int64_t jl = a.window > 0 ? std::max<int64_t>(0, pos(i) - a.window + 1 - lo) : 0;
+    const int64_t jh = pos(i + mr - 1) - lo + 1;
+    __m512 acc[MR][HV];
+    for (int m = 0; m < MR; ++m)
+      for (int h = 0; h < HV; ++h) acc[m][h] = _mm512_setzero_ps();
+    for (int64_t j = jl; j < jh; ++j) {
+      const float* vr = v + ((b * a.T + lo + j) * a.KV + g) * hd;
+      __m512 vv[HV];
+      for (int h = 0; h < HV; ++h) vv[h] = _mm512_loadu_ps(vr + 16 * h);
+      for (int m = 0; m < MR; ++m) {
+        const __m512 pb = _mm512_set1_ps(sc[(i + std::min<int64_t>(m, mr - 1)) * nkp + j]);
+        for (int h = 0; h < HV; ++h) acc[m][h] = _mm512_fmadd_ps(pb, vv[h], acc[m][h]);
+      }
+    }
+    for (int m = 0; m < mr; ++m) {
+      const int64_t r = i + m;
+      float* dst = out + ((b * a.T + pos(r)) * a.H + g * G + r % G) * hd;
+      const __m512 s = _mm512_set1_ps(inv[r]);
+      for (int h = 0; h < HV; ++h) _mm512_storeu_ps(dst + 16 * h, _mm512_mul_ps(acc[m][h], s));
+    }
+  }
+}
+
+ffi::Error causal_attention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v,
+                            ffi::AnyBuffer window, ffi::Result<ffi::AnyBuffer> out, float scale) {
+  auto qd = q.dimensions();
+  auto kd = k.dimensions();
+  if (qd.size() != 4 || kd.size() != 4 || q.element_type() != ffi::DataType::F32 ||
+      k.element_type() != ffi::DataType::F32 || v.element_type() != ffi::DataType::F32 ||
+      window.element_type() != ffi::DataType::S32 || window.element_count() != 1)
+    return ffi::Error::InvalidArgument("jd_causal_attention: q, k, v must be float32 [B, T, heads, hd]");
+  AttnShape a{qd[0], qd[1], qd[2], kd[2], qd[3], *static_cast<const int32_t*>(window.untyped_data()),
+              scale, (qd[1] + 15) / 16 * 16};
+  if (kd[0] != a.B || kd[1] != a.T || kd[3] != a.hd || a.KV == 0 || a.H % a.KV != 0 ||
+      (a.hd != 64 && a.hd != 128 && a.hd != 256))
+    return ffi::Error::InvalidArgument("jd_causal_attention: unsupported shapes");
+  const float* qp = static_cast<const float*>(q.untyped_data());
+  const float* kp = static_cast<const float*>(k.untyped_data());
+  const float* vp = static_cast<const float*>(v.untyped_data());
+  float* op = static_cast<float*>(out->untyped_data());
+  const int64_t blocks = (a.T + QB - 1) / QB, pairs = a.B * a.KV;
+  // (+16: a window's tile may read up to 15 columns past the last row; those scores are unused)
+  std::vector<float> kt(size_t(pairs * a.hd * a.Tp + 16));
+  float* ktp = kt.data();
+  parallel_chunks(pairs, [=](int64_t c) { transpose_keys(kp, ktp, a, c / a.KV, c % a.KV); });
+  // The last query blocks cost the most (they see the most keys): they are handed out first.
+  parallel_chunks(blocks * pairs, [=](int64_t c) {
+    const int64_t blk = blocks - 1 - c / pairs, b = (c % pairs) / a.KV, g = c % a.KV;
+    const int64_t t0 = blk * QB, t1 = std::min(a.T, t0 + QB);
+    if (a.hd == 64) attend_block<4>(qp, ktp, vp, op, a, b, g, t0, t1);
+    else if (a.hd == 128) attend_block<8>(qp, ktp, vp, op, a, b, g, t0, t1);
+    else attend_block<16>(qp, ktp, vp, op, a, b, g, t0, t1);
+  });
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_matmul_f32, matmul_f32,
@@ -583,5 +749,14 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_matmul_s8, matmul_s8,
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Ret<ffi::AnyBuffer>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_causal_attention, causal_attention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("scale"));
 
 extern "C" int jd_kernel_version() { return 1; }

@@ -27,15 +27,20 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 __all__ = ["available", "enabled", "set_enabled", "build_error", "matmul_f32", "matmul_s8",
-           "MAX_ROWS", "takes"]
+           "MAX_ROWS", "takes", "causal_attention", "ATTENTION_HEAD_DIMS", "takes_attention"]
 
 # Up to this many rows a product goes to the kernel, per operand dtype; with more rows the
 # product is compute-bound and XLA's library GEMMs win (measured on a chain of SmolLM2's 120
 # layer products, Intel Xeon 2 cores: the kernel is ahead up to 8 float32 rows, 4 bfloat16
 # rows and 2 int8 rows).
 MAX_ROWS = {"float32": 8, "bfloat16": 4, "int8": 2}
+
+# The head sizes the prefill attention kernel is compiled for (SmolLM2 and Llama: 64; Qwen: 128;
+# Gemma 3: 256); other sizes stay on XLA.
+ATTENTION_HEAD_DIMS = (64, 128, 256)
 
 _SOURCE = Path(__file__).with_name("_cpu_kernel.cc")
 _lock = threading.Lock()
@@ -93,7 +98,7 @@ def _load():
         else:
             try:
                 lib = ctypes.CDLL(str(_build()))
-                for name in ("jd_matmul_f32", "jd_matmul_s8"):
+                for name in ("jd_matmul_f32", "jd_matmul_s8", "jd_causal_attention"):
                     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                 platform="cpu")
             except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dot
@@ -165,3 +170,37 @@ def matmul_f32(x, w, *, transposed: bool):
 def matmul_s8(x, w):
     """Exact int32 ``x @ w.T`` for ``x: int8[M, in]`` and ``w: int8[out, in]``. CPU only."""
     return _call("jd_matmul_s8", x, w, jnp.int32)
+
+
+def takes_attention(q) -> bool:
+    """Whether a prompt's causal self-attention with queries ``q: [B, T, H, hd]`` should run on
+    the kernel: it is on and ``hd`` is one of ``ATTENTION_HEAD_DIMS``. Decided at trace time."""
+    return q.shape[-1] in ATTENTION_HEAD_DIMS and enabled()
+
+
+def causal_attention(q, k, v, window, *, scale: float):
+    """float32 causal self-attention of positions ``0..T-1`` over themselves, as
+    ``_common.causal_attention`` (no softcap): ``q: [B, T, H, hd]``, ``k, v: [B, T, KV, hd]``,
+    ``window``: int32 scalar (0: none; else query t sees keys ``t - window < s <= t``).
+    Returns float32 ``[B, T, H * hd]``. CPU only: call it inside ``lax.platform_dependent``.
+    Under ``vmap`` a batch of q/k/v becomes more rows and a batch of windows maps."""
+    q, k, v = (a.astype(jnp.float32) for a in (q, k, v))
+    scale = np.float32(scale)
+
+    @jax.custom_batching.custom_vmap
+    def call(q, k, v, window):
+        B, T, H, hd = q.shape
+        out = jax.ShapeDtypeStruct((B, T, H * hd), jnp.float32)
+        return jax.ffi.ffi_call("jd_causal_attention", out)(q, k, v, window, scale=scale)
+
+    @call.def_vmap
+    def _(axis_size, in_batched, q, k, v, window):
+        full = [a if b else jnp.broadcast_to(a, (axis_size, *a.shape))
+                for a, b in zip((q, k, v, window), in_batched)]
+        if in_batched[3]:
+            return jax.lax.map(lambda a: call(*a), tuple(full)), True
+        q, k, v = (a.reshape(-1, *a.shape[2:]) for a in full[:3])
+        y = call(q, k, v, window)
+        return y.reshape(axis_size, -1, *y.shape[1:]), True
+
+    return call(q, k, v, jnp.asarray(window, jnp.int32))
