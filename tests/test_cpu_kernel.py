@@ -238,6 +238,53 @@ def test_causal_attention_kernel_under_vmap_and_grad():
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
+def _decode_reference(q, kc, vc, layer, positions, window, kn, vn, scale):
+    """One query position per row over the cache slots it sees plus its own new key/value."""
+    B, _, H, hd = q.shape
+    KV, S = kc.shape[2], kc.shape[3]
+    G = H // KV
+    f = lambda a: np.asarray(jnp.asarray(a).astype(jnp.float32), np.float64)  # noqa: E731
+    q, kc, vc, kn, vn = f(q), f(kc), f(vc), f(kn), f(vn)
+    out = np.zeros((B, H, hd))
+    for b in range(B):
+        p = int(positions[b, 0])
+        hi = max(0, min(p, S))
+        lo = min(hi, max(0, p - window + 1)) if window else 0
+        for h in range(H):
+            keys = np.concatenate([kc[layer, b, h // G, lo:hi], kn[b, 0, h // G][None]])
+            vals = np.concatenate([vc[layer, b, h // G, lo:hi], vn[b, 0, h // G][None]])
+            s = keys @ q[b, 0, h] * scale
+            e = np.exp(s - s.max())
+            out[b, h] = e @ vals / e.sum()
+    return out.reshape(B, 1, H * hd)
+
+
+@needs_kernel
+@pytest.mark.parametrize("hd,dtype,window", [(64, "float32", 0), (64, "bfloat16", 0), (128, "float32", 7),
+                                             (256, "float32", 0), (64, "float32", 3)])
+def test_decode_attention_kernel_matches_numpy(hd, dtype, window):
+    """Positions at the first slot, inside the cache, at and past its end, and negative (the
+    new key alone); a window cuts the early slots; a bfloat16 cache is widened exactly."""
+    rng = np.random.default_rng(hd + window)
+    L, B, H, KV, S = 3, 6, 6, 2, 40
+    q = rng.standard_normal((B, 1, H, hd)).astype(np.float32)
+    kc, vc = (jnp.asarray(rng.standard_normal((L, B, KV, S, hd)), jnp.float32).astype(dtype) for _ in "kv")
+    kn, vn = (jnp.asarray(rng.standard_normal((B, 1, KV, hd)), jnp.float32).astype(dtype) for _ in "kv")
+    positions = np.asarray([[0], [1], [17], [40], [55], [-3]], np.int32)
+    scale = 0.2
+    fn = jax.jit(lambda q, kc, vc, kn, vn, p: _cpu_kernel.decode_attention(q, kc, vc, 1, p, window, kn, vn,
+                                                                           scale=scale))
+    got = np.asarray(fn(q, kc, vc, kn, vn, positions))
+    want = _decode_reference(q, kc, vc, 1, positions, window, kn, vn, scale)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=2e-6)
+    # vmap over a batch of caches and queries: one call per member
+    many = jax.vmap(fn, (0, 0, 0, 0, 0, None))(np.stack([q, -q]), jnp.stack([kc, kc]), jnp.stack([vc, vc[::-1]]),
+                                               jnp.stack([kn, kn]), jnp.stack([vn, vn]), positions)
+    np.testing.assert_allclose(many[0], want, rtol=1e-5, atol=2e-6)
+    np.testing.assert_allclose(many[1], _decode_reference(-q, kc, vc[::-1], 1, positions, window, kn, vn, scale),
+                               rtol=1e-5, atol=2e-6)
+
+
 def test_causal_attention_takes_the_kernel_only_for_its_head_sizes():
     on = _cpu_kernel.enabled()
     for hd in (16, 32, 64, 80, 128, 256):
@@ -248,9 +295,10 @@ def test_causal_attention_takes_the_kernel_only_for_its_head_sizes():
 
 
 @needs_kernel
-def test_prefill_with_and_without_the_attention_kernel():
-    """A 64-dim-head Llama: prefill lowers to the attention kernel, and a prompt longer than a
-    block gives the same greedy tokens and logprobs as XLA's attention."""
+def test_prefill_and_decode_with_and_without_the_attention_kernels():
+    """A 64-dim-head Llama: prefill and the decode step lower to the attention kernels, a prompt
+    longer than a block gives the same greedy tokens and logprobs as XLA's attention, and
+    jax.grad through a step equals XLA's."""
     import jaxdecode
     from jaxdecode.models import Decoder, DecoderConfig
 
@@ -260,6 +308,11 @@ def test_prefill_with_and_without_the_attention_kernel():
     prompt = jnp.asarray(np.random.default_rng(5).integers(0, 80, (2, 37)), jnp.int32)
     cache = model.init_cache(2, 64)
     assert "jd_causal_attention" in jax.jit(model.prefill).lower(prompt, cache, jnp.asarray([36, 36])).as_text()
+    one, at = prompt[:, :1], jnp.asarray([[37], [37]], jnp.int32)
+    assert "jd_decode_attention" in jax.jit(model.step).lower(one, at, cache).as_text()
+    # grad through the decode step's attention: the tangent comes from XLA's attention
+    loss = lambda m: jnp.sum(jnp.sin(m.step(one, at, cache)[0]))  # noqa: E731
+    fast_grad = jax.grad(loss)(model)
 
     def run():
         jax.clear_caches()
@@ -275,6 +328,15 @@ def test_prefill_with_and_without_the_attention_kernel():
         jax.clear_caches()
     np.testing.assert_array_equal(fast[0], slow[0])
     np.testing.assert_allclose(fast[1], slow[1], atol=1e-4)
+    _cpu_kernel.set_enabled(False)
+    try:
+        jax.clear_caches()
+        slow_grad = jax.grad(loss)(model)
+    finally:
+        _cpu_kernel.set_enabled(True)
+        jax.clear_caches()
+    for a, b in zip(jax.tree_util.tree_leaves(fast_grad), jax.tree_util.tree_leaves(slow_grad)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
 
 def test_set_enabled_takes_a_bool():

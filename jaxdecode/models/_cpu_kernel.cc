@@ -735,6 +735,108 @@ ffi::Error causal_attention(ffi::AnyBuffer q, ffi::AnyBuffer k, ffi::AnyBuffer v
   return ffi::Error::Success();
 }
 
+
+// ---- one decoding step's attention: q f32[B, H, hd] (one new position per row, at
+// positions[b]) over layer i of the cache kc, vc [L, B, KV, S, hd] (f32 or bf16), slots
+// max(0, p - window + 1) .. min(p, S) - 1, plus the row's own new key/value kn, vn [B, KV, hd]
+// (not yet in the cache) -> f32[B, H * hd]. XLA slices a prefix of the cache, appends the new
+// slot (two copies of it per layer) and runs ~8 ops; this reads only the slots a row sees.
+template <int HV, class C>
+void decode_rows(const float* q, const C* kc, const C* vc, const C* kn, const C* vn, float* out,
+                 int64_t H, int64_t KV, int64_t S, int64_t lo, int64_t hi, float scale) {
+  constexpr int64_t hd = 16 * HV;
+  const int64_t G = H / KV;
+  thread_local std::vector<float> sc;
+  sc.resize(size_t(G * (hi - lo + 1)));
+  const int64_t n = hi - lo + 1;  // cache slots lo..hi-1, then the new one
+  for (int64_t g = 0; g < G; ++g) {
+    __m512 qv[HV];
+    for (int h = 0; h < HV; ++h) qv[h] = _mm512_mul_ps(load16(q + g * hd + 16 * h), _mm512_set1_ps(scale));
+    float mx = -INFINITY;
+    for (int64_t j = 0; j < n; ++j) {
+      const C* kr = j < n - 1 ? kc + (lo + j) * hd : kn;
+      __m512 acc = _mm512_setzero_ps();
+      for (int h = 0; h < HV; ++h) acc = _mm512_fmadd_ps(qv[h], load16(kr + 16 * h), acc);
+      const float s = _mm512_reduce_add_ps(acc);
+      sc[g * n + j] = s;
+      mx = std::max(mx, s);
+    }
+    float sum = 0.f;
+    for (int64_t j = 0; j < n; j += 16) {
+      const __mmask16 mk = tail16(n - j);
+      const __m512 p = _mm512_maskz_mov_ps(mk, exp_nonpos(_mm512_sub_ps(
+          _mm512_maskz_loadu_ps(mk, sc.data() + g * n + j), _mm512_set1_ps(mx))));
+      _mm512_mask_storeu_ps(sc.data() + g * n + j, mk, p);
+      sum += _mm512_reduce_add_ps(p);
+    }
+    __m512 acc[HV];
+    for (int h = 0; h < HV; ++h) acc[h] = _mm512_setzero_ps();
+    for (int64_t j = 0; j < n; ++j) {
+      const C* vr = j < n - 1 ? vc + (lo + j) * hd : vn;
+      const __m512 pb = _mm512_set1_ps(sc[g * n + j]);
+      for (int h = 0; h < HV; ++h) acc[h] = _mm512_fmadd_ps(pb, load16(vr + 16 * h), acc[h]);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sum);
+    for (int h = 0; h < HV; ++h) _mm512_storeu_ps(out + g * hd + 16 * h, _mm512_mul_ps(acc[h], inv));
+  }
+}
+
+template <class C>
+void decode_attention_impl(const float* q, const C* kc, const C* vc, const C* kn, const C* vn,
+                           const int32_t* positions, float* out, int64_t B, int64_t H, int64_t KV,
+                           int64_t S, int64_t hd, int64_t layer, int64_t window, float scale) {
+  parallel_chunks(B * KV, [=](int64_t c) {
+    const int64_t b = c / KV, g = c % KV, G = H / KV;
+    const int64_t p = positions[b];
+    const int64_t hi = std::max<int64_t>(0, std::min<int64_t>(p, S));
+    const int64_t lo = window > 0 ? std::min(hi, std::max<int64_t>(0, p - window + 1)) : 0;
+    const int64_t head = ((layer * B + b) * KV + g) * S * hd;  // cache [L, B, KV, S, hd]
+    const float* qb = q + (b * H + g * G) * hd;
+    const C* knb = kn + (b * KV + g) * hd;
+    const C* vnb = vn + (b * KV + g) * hd;
+    float* ob = out + (b * H + g * G) * hd;
+    if (hd == 64) decode_rows<4>(qb, kc + head, vc + head, knb, vnb, ob, H, KV, S, lo, hi, scale);
+    else if (hd == 128) decode_rows<8>(qb, kc + head, vc + head, knb, vnb, ob, H, KV, S, lo, hi, scale);
+    else decode_rows<16>(qb, kc + head, vc + head, knb, vnb, ob, H, KV, S, lo, hi, scale);
+  });
+}
+
+ffi::Error decode_attention(ffi::AnyBuffer q, ffi::AnyBuffer kc, ffi::AnyBuffer vc,
+                            ffi::AnyBuffer kn, ffi::AnyBuffer vn, ffi::AnyBuffer positions,
+                            ffi::AnyBuffer layer, ffi::AnyBuffer window,
+                            ffi::Result<ffi::AnyBuffer> out, float scale) {
+  auto qd = q.dimensions();
+  auto cd = kc.dimensions();
+  const auto ct = kc.element_type();
+  if (qd.size() != 3 || cd.size() != 5 || q.element_type() != ffi::DataType::F32 ||
+      (ct != ffi::DataType::F32 && ct != ffi::DataType::BF16) || vc.element_type() != ct ||
+      kn.element_type() != ct || vn.element_type() != ct ||
+      positions.element_type() != ffi::DataType::S32 || layer.element_type() != ffi::DataType::S32 ||
+      window.element_type() != ffi::DataType::S32)
+    return ffi::Error::InvalidArgument("jd_decode_attention: unexpected operand types");
+  const int64_t B = qd[0], H = qd[1], hd = qd[2], L = cd[0], KV = cd[2], S = cd[3];
+  if (cd[1] != B || cd[4] != hd || KV == 0 || H % KV != 0 || positions.element_count() != B ||
+      kn.element_count() != B * KV * hd || (hd != 64 && hd != 128 && hd != 256))
+    return ffi::Error::InvalidArgument("jd_decode_attention: unsupported shapes");
+  const int64_t i = *static_cast<const int32_t*>(layer.untyped_data());
+  if (i < 0 || i >= L) return ffi::Error::InvalidArgument("jd_decode_attention: layer out of range");
+  const int64_t w = *static_cast<const int32_t*>(window.untyped_data());
+  const float* qp = static_cast<const float*>(q.untyped_data());
+  const int32_t* pp = static_cast<const int32_t*>(positions.untyped_data());
+  float* op = static_cast<float*>(out->untyped_data());
+  if (ct == ffi::DataType::F32)
+    decode_attention_impl(qp, static_cast<const float*>(kc.untyped_data()),
+                          static_cast<const float*>(vc.untyped_data()),
+                          static_cast<const float*>(kn.untyped_data()),
+                          static_cast<const float*>(vn.untyped_data()), pp, op, B, H, KV, S, hd, i, w, scale);
+  else
+    decode_attention_impl(qp, static_cast<const uint16_t*>(kc.untyped_data()),
+                          static_cast<const uint16_t*>(vc.untyped_data()),
+                          static_cast<const uint16_t*>(kn.untyped_data()),
+                          static_cast<const uint16_t*>(vn.untyped_data()), pp, op, B, H, KV, S, hd, i, w, scale);
+  return ffi::Error::Success();
+}
+
 }  // namespace
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_matmul_f32, matmul_f32,
@@ -752,6 +854,19 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_matmul_s8, matmul_s8,
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_causal_attention, causal_attention,
                               ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Ret<ffi::AnyBuffer>()
+                                  .Attr<float>("scale"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(jd_decode_attention, decode_attention,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
+                                  .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()
                                   .Arg<ffi::AnyBuffer>()

@@ -30,7 +30,8 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = ["available", "enabled", "set_enabled", "build_error", "matmul_f32", "matmul_s8",
-           "MAX_ROWS", "takes", "causal_attention", "ATTENTION_HEAD_DIMS", "takes_attention"]
+           "MAX_ROWS", "takes", "causal_attention", "decode_attention", "ATTENTION_HEAD_DIMS",
+           "takes_attention"]
 
 # Up to this many rows a product goes to the kernel, per operand dtype; with more rows the
 # product is compute-bound and XLA's library GEMMs win (measured on a chain of SmolLM2's 120
@@ -98,7 +99,8 @@ def _load():
         else:
             try:
                 lib = ctypes.CDLL(str(_build()))
-                for name in ("jd_matmul_f32", "jd_matmul_s8", "jd_causal_attention"):
+                for name in ("jd_matmul_f32", "jd_matmul_s8", "jd_causal_attention",
+                             "jd_decode_attention"):
                     jax.ffi.register_ffi_target(name, jax.ffi.pycapsule(getattr(lib, name)),
                                                 platform="cpu")
             except Exception as e:  # noqa: BLE001 - any failure means: use XLA's dot
@@ -204,3 +206,32 @@ def causal_attention(q, k, v, window, *, scale: float):
         return y.reshape(axis_size, -1, *y.shape[1:]), True
 
     return call(q, k, v, jnp.asarray(window, jnp.int32))
+
+
+def decode_attention(q, kc, vc, layer, positions, window, kn, vn, *, scale: float):
+    """float32 attention of one new position per row over layer ``layer`` of a KV cache, as the
+    decode step's (see ``_decoder._cache_reader``; no softcap): ``q: [B, 1, H, hd]``;
+    ``kc, vc: [L, B, KV, S, hd]`` (float32 or bfloat16); ``positions: int32[B, 1]``; row b sees
+    slots ``max(0, p - window + 1) .. min(p, S) - 1`` (window 0: from slot 0) and then its own
+    ``kn, vn: [B, 1, KV, hd]`` (in the cache's dtype, not yet written). Returns float32
+    ``[B, 1, H * hd]``. CPU only. Under ``vmap`` each batch member is one call (``lax.map``)."""
+    B, _, H, hd = q.shape
+    scale = np.float32(scale)
+
+    @jax.custom_batching.custom_vmap
+    def call(q, kc, vc, kn, vn, positions, layer, window):
+        out = jax.ShapeDtypeStruct((q.shape[0], q.shape[1] * q.shape[2]), jnp.float32)
+        return jax.ffi.ffi_call("jd_decode_attention", out)(q, kc, vc, kn, vn, positions, layer, window,
+                                                            scale=scale)
+
+    @call.def_vmap
+    def _(axis_size, in_batched, *args):
+        def one(batched):
+            it = iter(batched)
+            return call(*[next(it) if b else a for a, b in zip(args, in_batched)])
+        return jax.lax.map(one, [a for a, b in zip(args, in_batched) if b]), True
+
+    y = call(q.astype(jnp.float32).reshape(B, H, hd), kc, vc, kn.reshape(B, -1, hd), vn.reshape(B, -1, hd),
+             positions.reshape(B).astype(jnp.int32), jnp.asarray(layer, jnp.int32),
+             jnp.asarray(window, jnp.int32))
+    return y.reshape(B, 1, H * hd)

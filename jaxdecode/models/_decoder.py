@@ -43,6 +43,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from . import _cpu_kernel
 from ._common import (ROPE_LAYOUTS, QuantizedWeight, apply_rope, attention, causal_attention, checked_params,
                       linear, matmul, norm, parse_dtype, prefix_buckets, quantize_int8, rope_angles, smoothing)
 
@@ -808,7 +809,7 @@ class Decoder:
         return x, KVCache(write(ck, nk), write(cv, nv))
 
 
-def _cache_reader(positions, S, sliding_window, attn_kw):
+def _cache_reader(positions, S, sliding_window, attn_kw, kernel=True):
     """``attend(q, kc, vc, i, window)``: attention of the queries at ``positions`` [B, T] over
     layer i of the cache, reading only the slots any query may see.
 
@@ -865,6 +866,12 @@ def _cache_reader(positions, S, sliding_window, attn_kw):
 
     def attend(q, kc, vc, i, window, new=None):
         """``new``: (k, v) [B, 1, KV, hd] of the queries' own position, not yet in the cache."""
+        if kernel and new is not None and attn_kw.get("softcap") is None and _cpu_kernel.takes_attention(q):
+            return _decode_attention(q, kc, vc, jnp.asarray(i, jnp.int32), jnp.asarray(window, jnp.int32),
+                                     new[0], new[1], positions, sliding_window, tuple(attn_kw.items()))
+        return xla_attend(q, kc, vc, i, window, new)
+
+    def xla_attend(q, kc, vc, i, window, new=None):
         if len(branches) == 1:
             return branches[0](q, kc, vc, i, window, new)
         idx = bucket
@@ -874,6 +881,43 @@ def _cache_reader(positions, S, sliding_window, attn_kw):
         return jax.lax.switch(idx, branches, q, kc, vc, i, window, new)
 
     return attend
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(8, 9))
+def _decode_attention(q, kc, vc, i, window, kn, vn, positions, sliding_window, attn_kw):
+    """The decode step's attention on the CPU kernel (``_cpu_kernel.decode_attention``: reads
+    only the slots each row sees, no copies of the cache); XLA's elsewhere. ``attn_kw``:
+    the items of :meth:`Decoder._attn_kw` (hashable: it is static)."""
+    kw = dict(attn_kw)
+    scale = kw["scale"] if kw.get("scale") is not None else 1.0 / math.sqrt(q.shape[-1])
+
+    def kernel(q, kc, vc, i, window, kn, vn, positions):
+        out = _cpu_kernel.decode_attention(q, kc, vc, i, positions, window, kn, vn, scale=scale)
+        return out.astype(q.dtype)
+
+    def fallback(q, kc, vc, i, window, kn, vn, positions):
+        return _xla_decode_attention(q, kc, vc, i, window, kn, vn, positions, sliding_window, attn_kw)
+
+    return jax.lax.platform_dependent(q, kc, vc, i, window, kn, vn, positions, cpu=kernel,
+                                      default=fallback)
+
+
+def _xla_decode_attention(q, kc, vc, i, window, kn, vn, positions, sliding_window, attn_kw):
+    reader = _cache_reader(positions, kc.shape[3], sliding_window, dict(attn_kw), kernel=False)
+    return reader(q, kc, vc, i, window, (kn, vn))
+
+
+@_decode_attention.defjvp
+def _decode_attention_jvp(sliding_window, attn_kw, primals, tangents):
+    # The kernel has no derivative rules: the tangent is XLA's attention's.
+    q, kc, vc, i, window, kn, vn, positions = primals
+    dq, dkc, dvc, _, _, dkn, dvn, _ = tangents
+
+    def f(q, kc, vc, kn, vn):
+        return _xla_decode_attention(q, kc, vc, i, window, kn, vn, positions, sliding_window, attn_kw)
+
+    _, dout = jax.jvp(f, (q, kc, vc, kn, vn), (dq, dkc, dvc, dkn, dvn))
+    return _decode_attention(*primals, sliding_window, attn_kw), dout
 
 
 class _Weights:
