@@ -105,6 +105,17 @@ def _lowered(fn, *args) -> str:
     return jax.jit(fn).lower(*args).as_text()
 
 
+def _on_xla(fn, *args):
+    """``fn(*args)`` traced afresh with the kernel turned off (XLA's path), then turned on again."""
+    _cpu_kernel.set_enabled(False)
+    try:
+        jax.clear_caches()
+        return fn(*args)
+    finally:
+        _cpu_kernel.set_enabled(True)
+        jax.clear_caches()
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_matmul_uses_the_kernel_for_few_rows_only_and_agrees_with_xla(dtype):
@@ -118,14 +129,8 @@ def test_matmul_uses_the_kernel_for_few_rows_only_and_agrees_with_xla(dtype):
     assert "jd_matmul" in _lowered(mm, few)
     assert "jd_matmul" not in _lowered(mm, many)
     fast = np.asarray(jax.jit(mm)(few))
-    _cpu_kernel.set_enabled(False)
-    try:
-        jax.clear_caches()
-        assert "jd_matmul" not in _lowered(mm, few)
-        slow = np.asarray(jax.jit(mm)(few))
-    finally:
-        _cpu_kernel.set_enabled(True)
-        jax.clear_caches()
+    assert "jd_matmul" not in _on_xla(_lowered, mm, few)
+    slow = np.asarray(_on_xla(jax.jit(mm), few))
     if dtype == "int8":
         np.testing.assert_array_equal(fast, slow)  # int32 products are exact either way
     else:
@@ -163,12 +168,7 @@ def test_a_decoder_with_and_without_the_kernel(dtype, tiny_llama):
         return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
 
     fast = run()
-    _cpu_kernel.set_enabled(False)
-    try:
-        slow = run()
-    finally:
-        _cpu_kernel.set_enabled(True)
-        jax.clear_caches()
+    slow = _on_xla(run)
     np.testing.assert_array_equal(fast[0], slow[0])
     np.testing.assert_allclose(fast[1], slow[1], atol=1e-4 if dtype != "bfloat16" else 2e-2)
 
@@ -227,13 +227,7 @@ def test_causal_attention_kernel_under_vmap_and_grad():
     # grad: the kernel's tangent comes from XLA's blocked attention
     loss = lambda q, k, v: jnp.sum(jnp.sin(_common.causal_attention(q, k, v, window=6)))  # noqa: E731
     fast = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    _cpu_kernel.set_enabled(False)
-    try:
-        jax.clear_caches()
-        slow = jax.grad(loss, argnums=(0, 1, 2))(q, k, v)
-    finally:
-        _cpu_kernel.set_enabled(True)
-        jax.clear_caches()
+    slow = _on_xla(jax.grad(loss, argnums=(0, 1, 2)), q, k, v)
     for a, b in zip(fast, slow):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
@@ -320,21 +314,10 @@ def test_prefill_and_decode_with_and_without_the_attention_kernels():
         return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
 
     fast = run()
-    _cpu_kernel.set_enabled(False)
-    try:
-        slow = run()
-    finally:
-        _cpu_kernel.set_enabled(True)
-        jax.clear_caches()
+    slow = _on_xla(run)
     np.testing.assert_array_equal(fast[0], slow[0])
     np.testing.assert_allclose(fast[1], slow[1], atol=1e-4)
-    _cpu_kernel.set_enabled(False)
-    try:
-        jax.clear_caches()
-        slow_grad = jax.grad(loss)(model)
-    finally:
-        _cpu_kernel.set_enabled(True)
-        jax.clear_caches()
+    slow_grad = _on_xla(jax.grad(loss), model)
     for a, b in zip(jax.tree_util.tree_leaves(fast_grad), jax.tree_util.tree_leaves(slow_grad)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
 
