@@ -1,4 +1,6 @@
-"""The optional CPU fast path for few-row matmuls: an AVX-512 kernel called through ``jax.ffi``.
+"""The optional CPU fast path for few-row matmuls and attention: an AVX-512 kernel called
+through ``jax.ffi`` (products of 1-8 rows, the decode step's attention over the cache, and a
+prompt's causal attention in prefill; everything else stays on XLA).
 
 Decoding multiplies 1-8 rows by every weight matrix, and on CPU that time is the weight stream.
 XLA:CPU's own dots stream float32 at about 78% of the memory bandwidth and bfloat16 / int8 at
