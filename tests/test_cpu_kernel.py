@@ -116,13 +116,30 @@ def _on_xla(fn, *args):
         jax.clear_caches()
 
 
+def _assert_greedy_same_on_kernel_and_xla(model, prompt, n, atol):
+    """Greedy ``generate`` with the kernel and on XLA's path: equal tokens, logprobs within atol."""
+    import jaxdecode
+
+    def run():
+        jax.clear_caches()
+        out = jaxdecode.generate(model, prompt, n, temperature=0.0)
+        return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
+
+    fast = run()
+    slow = _on_xla(run)
+    np.testing.assert_array_equal(fast[0], slow[0])
+    np.testing.assert_allclose(fast[1], slow[1], atol=atol)
+
+
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_matmul_uses_the_kernel_for_few_rows_only_and_agrees_with_xla(dtype):
     rng = np.random.default_rng(2)
     w = rng.standard_normal((96, 80)).astype(np.float32) * 0.1
     weight = _common.quantize_int8(w) if dtype == "int8" else jnp.asarray(w).astype(dtype)
-    limit = _cpu_kernel.MAX_ROWS["int8" if dtype == "int8" else dtype]
+    limit = _cpu_kernel.MAX_ROWS[dtype]
+    if dtype == "int8":
+        limit //= 2  # each activation row is two int8 rows (qlinear's two-part codes)
     few = rng.standard_normal((limit, 96)).astype(np.float32)
     many = rng.standard_normal((limit + 1, 96)).astype(np.float32)
     mm = lambda x: _common.matmul(x, weight)  # noqa: E731
@@ -152,25 +169,19 @@ def test_grad_flows_through_the_fast_path():
 @needs_kernel
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16", "int8"])
 def test_a_decoder_with_and_without_the_kernel(dtype, tiny_llama):
-    """The tiny Llama's greedy tokens and step logits with the kernel equal XLA's path."""
-    import jaxdecode
-
+    """The tiny Llama's greedy tokens and step logits with the kernel equal XLA's path (int8 at
+    batch 1: two int8 rows per activation row, the kernel's limit)."""
     model = tiny_llama
     if dtype == "int8":
         model = model.quantize()
     elif dtype == "bfloat16":
         model = model.astype(jnp.bfloat16)
     prompt = jnp.array([[1, 5, 9, 2], [3, 3, 7, 1]], jnp.int32)
-
-    def run():
-        jax.clear_caches()
-        out = jaxdecode.generate(model, prompt, 12, temperature=0.0)
-        return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
-
-    fast = run()
-    slow = _on_xla(run)
-    np.testing.assert_array_equal(fast[0], slow[0])
-    np.testing.assert_allclose(fast[1], slow[1], atol=1e-4 if dtype != "bfloat16" else 2e-2)
+    if dtype == "int8":
+        prompt = prompt[:1]
+        assert "jd_matmul_s8" in jax.jit(model.step).lower(prompt[:, :1], jnp.asarray([[4]]),
+                                                           model.init_cache(1, 16)).as_text()
+    _assert_greedy_same_on_kernel_and_xla(model, prompt, 12, atol=1e-4 if dtype != "bfloat16" else 2e-2)
 
 
 def _attention_reference(q, k, v, window, scale):
@@ -293,7 +304,6 @@ def test_prefill_and_decode_with_and_without_the_attention_kernels():
     """A 64-dim-head Llama: prefill and the decode step lower to the attention kernels, a prompt
     longer than a block gives the same greedy tokens and logprobs as XLA's attention, and
     jax.grad through a step equals XLA's."""
-    import jaxdecode
     from jaxdecode.models import Decoder, DecoderConfig
 
     cfg = DecoderConfig(vocab_size=80, dim=128, n_layers=2, n_heads=2, n_kv_heads=1, hidden_dim=96,
@@ -307,16 +317,7 @@ def test_prefill_and_decode_with_and_without_the_attention_kernels():
     # grad through the decode step's attention: the tangent comes from XLA's attention
     loss = lambda m: jnp.sum(jnp.sin(m.step(one, at, cache)[0]))  # noqa: E731
     fast_grad = jax.grad(loss)(model)
-
-    def run():
-        jax.clear_caches()
-        out = jaxdecode.generate(model, prompt, 10, temperature=0.0)
-        return np.asarray(out.tokens), np.asarray(out.raw_logprobs)
-
-    fast = run()
-    slow = _on_xla(run)
-    np.testing.assert_array_equal(fast[0], slow[0])
-    np.testing.assert_allclose(fast[1], slow[1], atol=1e-4)
+    _assert_greedy_same_on_kernel_and_xla(model, prompt, 10, atol=1e-4)
     slow_grad = _on_xla(jax.grad(loss), model)
     for a, b in zip(jax.tree_util.tree_leaves(fast_grad), jax.tree_util.tree_leaves(slow_grad)):
         np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)

@@ -38,7 +38,7 @@ __all__ = ["available", "enabled", "set_enabled", "build_error", "matmul_f32", "
 # Up to this many rows a product goes to the kernel, per operand dtype; with more rows the
 # product is compute-bound and XLA's library GEMMs win (measured on a chain of SmolLM2's 120
 # layer products, Intel Xeon 2 cores: the kernel is ahead up to 8 float32 rows, 4 bfloat16
-# rows and 2 int8 rows).
+# rows and 2 int8 rows, i.e. one activation row of qlinear's two-part int8 codes).
 MAX_ROWS = {"float32": 8, "bfloat16": 4, "int8": 2}
 
 # The head sizes the prefill attention kernel is compiled for (SmolLM2 and Llama: 64; Qwen: 128;

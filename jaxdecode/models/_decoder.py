@@ -415,24 +415,27 @@ class Decoder:
         embedding / tied head, a separate LM head) becomes a
         :class:`~jaxdecode.models._common.QuantizedWeight` (int8, output-major, one float32
         scale per output channel; the embedding per token row), and each matmul quantizes its
-        input activations to int8 per token (see :func:`~jaxdecode.models._common.qlinear`).
-        Norms, biases, position tables, attention, the KV cache and logits stay float32. Needs
-        a float32 model with per-layer storage (any concrete model).
+        input activations per token in two int8 parts (see
+        :func:`~jaxdecode.models._common.qlinear`). Norms, biases, position tables, attention,
+        the KV cache and logits stay float32. Needs a float32 model with per-layer storage (any
+        concrete model).
 
         Args:
           fmt: ``"int8"``.
           calibration: optional int32 ``[B, T]`` tokens of representative text. The float32
             model is run on them once to find each matmul input's per-channel range, and that
-            range is balanced between activations and weights (SmoothQuant, alpha 0.5), which
-            cuts the int8 error about in half. ``models.load(dtype="int8")`` passes a fixed
-            built-in text. Without it no smoothing is applied.
+            range is balanced between activations and weights (SmoothQuant, alpha 0.5).
+            Without it no smoothing is applied (``models.load(dtype="int8")`` passes none).
           keep_channels: with calibration, each layer matrix keeps the inputs of its
             ``keep_channels`` largest calibration channels in float32 (their rows of the
             weight as a float32 ``[k, out]`` side matrix; LLM.int8()'s outlier split), so
-            they no longer set the int8 scale of every other channel. On SmolLM2-135M (fused,
-            as ``models.load`` makes it) and The Tempest (the benchmark's perplexity text),
-            16 channels took the perplexity gap to float32 from +1.58% to +0.85% (8: +1.44%,
-            32: +0.67%) and cost about 9% of the int8 decode speed at batch 1. 0 turns it off.
+            they no longer set the int8 scale of every other channel. 0 turns it off.
+
+        Both options were needed when activations had one int8 code per element (perplexity
+        gap to float32 on SmolLM2-135M and The Tempest: +1.58% with smoothing, +0.85-1.04%
+        with both). With the two-part activation codes the gap is +0.37% with neither and
+        +0.30% with both (smoothing alone: +0.91%, as it moves range into the weights), and
+        the side matrices cost about 15% of the batch-1 decode speed.
         """
         if fmt != "int8":
             raise ValueError(f"quantize: only 'int8' is supported, got {fmt!r}")

@@ -81,25 +81,6 @@ _ALIASES = {None: "smollm2-135m", "default": "smollm2-135m", "smollm2": "smollm2
             "gemma-3-270m": "gemma-3-270m", "smollm2-135m": "smollm2-135m"}
 
 
-# Text for int8 calibration (the per-channel activation ranges SmoothQuant balances): a little
-# of everything a chat model sees, prose, dialogue, a list, code and numbers. Written for this
-# project; deliberately not the perplexity benchmark's text.
-CALIBRATION_TEXT = (
-    "The library opens at nine in the morning and closes at six, except on Sundays. "
-    "\"Could you help me find a book about rivers?\" she asked. \"Of course,\" said the librarian, "
-    "\"the geography shelves are on the second floor.\"\n"
-    "Steps to bake bread: 1. Mix 500 g of flour with 10 g of salt. 2. Add 350 ml of warm water "
-    "and 7 g of yeast. 3. Knead for ten minutes, then let it rise for an hour.\n"
-    "def mean(xs):\n    return sum(xs) / len(xs)\n\nprint(mean([3, 1, 4, 1, 5]))  # 2.8\n"
-    "User: What is the capital of France?\nAssistant: The capital of France is Paris.\n"
-    "In 1969, two astronauts walked on the Moon while a third orbited above them."
-)
-
-
-def _quantize(model, tok):
-    return model.quantize("int8", calibration=[tok.encode(CALIBRATION_TEXT)])
-
-
 def load(name_or_path=None, *, dtype=jnp.float32, fuse: bool = True):
     """Loads a model and its tokenizer: ``(model, tokenizer)``.
 
@@ -115,10 +96,13 @@ def load(name_or_path=None, *, dtype=jnp.float32, fuse: bool = True):
     Named models are cached in-process per dtype (later calls are free).
 
     ``dtype``: ``jnp.float32`` / ``jnp.bfloat16`` or "float32" / "bfloat16", or ``"int8"``:
-    loaded in float32, then ``model.quantize("int8", calibration=...)`` on the built-in
-    :data:`CALIBRATION_TEXT`: every matrix int8 with one float32 scale per output channel, and
-    each matmul's input activations quantized to int8 per token inside the computation
-    (int8 x int8 -> int32 dots); attention, the KV cache and logits stay float32.
+    loaded in float32, then ``model.quantize("int8")``: every matrix int8 with one float32
+    scale per output channel, and each matmul's input activations quantized per token in two
+    int8 parts inside the computation (int8 x int8 -> int32 dots); attention, the KV cache and
+    logits stay float32. No calibration: with two-part activations, SmoothQuant balancing
+    and kept channels (``quantize``'s options) changed SmolLM2's perplexity gap to float32 only
+    from +0.37% to +0.30% (Gemma 3 270M: +0.35% to +0.32%) and cost about 15% of the batch-1
+    decode speed.
 
     ``fuse``: store q|k|v and gate|up as one matrix each (:meth:`Decoder.fuse`: the same
     model, about 10% faster float32 decoding and 20% faster int8 on SmolLM2); False keeps the
@@ -132,13 +116,13 @@ def load(name_or_path=None, *, dtype=jnp.float32, fuse: bool = True):
     if name is None:
         model, tok = _load_path(name_or_path, jnp.float32 if int8 else parse_dtype(dtype))
         model = _fused(model, fuse)
-        return (_quantize(model, tok) if int8 else model), tok
+        return (model.quantize("int8") if int8 else model), tok
     with _cache_lock:
         key = (name, dt_name, fuse)
         if key not in _default_cache:
             if int8:
                 model, tok = load(name, dtype=jnp.float32, fuse=fuse)
-                _default_cache[key] = (_quantize(model, tok), tok)
+                _default_cache[key] = (model.quantize("int8"), tok)
             else:
                 from ._gguf import load_gguf
 
