@@ -146,15 +146,30 @@ def op_peak_flops(n: int = 4096, reps: int = 3) -> dict:
 
 def op_bandwidth(gib: float = 1.0, reps: int = 5) -> dict:
     """Memory read bandwidth: a jitted ``jnp.sum`` over ``gib`` GiB of float32, GB/s
-    (10^9 bytes), median/min/max of ``reps`` calls."""
+    (10^9 bytes), median/min/max of ``reps`` calls; once in XLA's own buffer (4 KB pages) and
+    once in a copy on 2 MB pages (``models._memory.on_huge_pages``, where ``models.load`` puts
+    the weights), ``gb_per_s_huge`` (None where huge pages are off). ``gb_per_s_best`` is the
+    faster median: the ceiling the suite judges decoding against."""
+    from jaxdecode.models import _memory
+
     n = int(gib * 2 ** 30) // 4
-    x = _block(jnp.ones((n,), jnp.float32))
-    total = jax.jit(jnp.sum)
-    t = _median_time(lambda: total(x), reps)
     nbytes = 4.0 * n
-    del x
-    return {"bytes": nbytes, "gb_per_s": {"median": nbytes / t["median"] / 1e9, "min": nbytes / t["max"] / 1e9,
-                                          "max": nbytes / t["min"] / 1e9}, "time_s": t}
+    total = jax.jit(jnp.sum)
+
+    def rate(x):
+        t = _median_time(lambda: total(x), reps)
+        return {"median": nbytes / t["median"] / 1e9, "min": nbytes / t["max"] / 1e9, "max": nbytes / t["min"] / 1e9}
+
+    x = _block(jnp.ones((n,), jnp.float32))
+    plain = rate(x)
+    huge = None
+    if _memory.enabled():
+        xh = _memory.on_huge_pages(x)
+        del x
+        huge = rate(xh)
+        del xh
+    best = plain if huge is None or plain["median"] >= huge["median"] else huge
+    return {"bytes": nbytes, "gb_per_s": plain, "gb_per_s_huge": huge, "gb_per_s_best": best}
 
 
 def op_sampler(batch: int = 64, vocab: int = 50257, calls: int = 3, rounds: int = 5) -> dict:

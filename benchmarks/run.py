@@ -37,7 +37,7 @@ COLUMNS = (tuple(f"jaxdecode {f}" for f in JD_FORMATS) + ("transformers float32"
            + tuple(f"llama.cpp {f}" for f in LLAMA_FORMATS))
 FIGURES = ("machine", "decode", "sampled", "batch32", "prefill", "perplexity", "sampler", "cli_cache")
 DESCRIPTIONS = {
-    "machine": "peak float32 GFLOP/s (jnp.dot) and memory bandwidth (jnp.sum over 1 GiB), in a probe process",
+    "machine": "peak float32 GFLOP/s (jnp.dot) and memory bandwidth (jnp.sum over 1 GiB, 4 KB and 2 MB pages), in a probe process",
     "decode": "greedy batch 1 tokens/s, every system and format (llama-bench -p 0 -n N)",
     "sampled": "sampled batch 8 tokens/s (T 0.8, top-k 50, top-p 0.9), jaxdecode vs transformers",
     "batch32": "greedy batch 32 tokens/s, jaxdecode formats and transformers",
@@ -332,7 +332,8 @@ def fig_machine(ctx: Ctx) -> dict:
     finally:
         w.close()
     log(f"  peak float32 matmul ({flops['n']}^3 jnp.dot): {report.fmt_stat(flops['gflops'])} GFLOP/s")
-    log(f"  memory bandwidth (jnp.sum over {bw['bytes'] / 2**30:.2f} GiB): {report.fmt_stat(bw['gb_per_s'])} GB/s")
+    log(f"  memory bandwidth (jnp.sum over {bw['bytes'] / 2**30:.2f} GiB): {report.fmt_stat(bw['gb_per_s'])} GB/s"
+        + (f"; on 2 MB pages {report.fmt_stat(bw['gb_per_s_huge'])} GB/s" if bw.get("gb_per_s_huge") else ""))
     return {"peak_flops": flops, "bandwidth": bw}
 
 

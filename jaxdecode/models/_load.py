@@ -9,6 +9,7 @@ import threading
 import jax.numpy as jnp
 
 from ._common import parse_dtype
+from ._memory import on_huge_pages
 
 __all__ = ["load", "default_model_path", "gemma3_270m_path", "DEFAULT_MODEL_PACKAGE", "DEFAULT_MODEL_INSTALL",
            "GEMMA3_INSTALL", "NAMED_MODELS"]
@@ -107,6 +108,10 @@ def load(name_or_path=None, *, dtype=jnp.float32, fuse: bool = True):
     ``fuse``: store q|k|v and gate|up as one matrix each (:meth:`Decoder.fuse`: the same
     model, about 10% faster float32 decoding and 20% faster int8 on SmolLM2); False keeps the
     checkpoint's separate matrices (``wq``, ``wk``, ...).
+
+    On a CPU device under Linux the weights end up in one mapping on 2 MB pages
+    (:func:`~jaxdecode.models._memory.on_huge_pages`: float32 decoding 5-10% faster, int8 about
+    15%); ``JAXDECODE_HUGE_PAGES=0`` in the environment keeps XLA's own buffers.
     """
     if not isinstance(fuse, bool):
         raise TypeError(f"load: `fuse` must be True or False, got {fuse!r}")
@@ -116,18 +121,18 @@ def load(name_or_path=None, *, dtype=jnp.float32, fuse: bool = True):
     if name is None:
         model, tok = _load_path(name_or_path, jnp.float32 if int8 else parse_dtype(dtype))
         model = _fused(model, fuse)
-        return (model.quantize("int8") if int8 else model), tok
+        return on_huge_pages(model.quantize("int8") if int8 else model), tok
     with _cache_lock:
         key = (name, dt_name, fuse)
         if key not in _default_cache:
             if int8:
                 model, tok = load(name, dtype=jnp.float32, fuse=fuse)
-                _default_cache[key] = (model.quantize("int8"), tok)
+                _default_cache[key] = (on_huge_pages(model.quantize("int8")), tok)
             else:
                 from ._gguf import load_gguf
 
                 model, tok = load_gguf(NAMED_MODELS[name][0](), dtype=parse_dtype(dtype))
-                _default_cache[key] = (_fused(model, fuse), tok)
+                _default_cache[key] = (on_huge_pages(_fused(model, fuse)), tok)
         return _default_cache[key]
 
 
