@@ -109,7 +109,7 @@ def test_qlinear_is_the_integer_arithmetic():
     x[..., 7] *= 30.0  # an outlier channel, as real activations have
     for smooth in (None, smoothing(np.abs(x).max((0, 1)), w)):
         qw = quantize_int8(w, smooth=smooth)
-        for xs in (x[:1, :1], x):  # one row (padded to two inside) and many
+        for xs in (x[:1, :1], x):  # one row (two int8 rows inside) and many
             got = np.asarray(linear(jnp.asarray(xs), qw))
             np.testing.assert_allclose(got, emulate_qlinear(xs, qw), rtol=2e-6, atol=1e-6)
     # on the outlier-heavy input the second part removes nearly all of the activation error
@@ -140,7 +140,7 @@ def test_kept_channels_leave_the_int8_path():
     assert np.all(np.asarray(qk.q)[:, keep] == 0) and np.all(np.asarray(qk.inv)[keep] == 0)
     back = np.asarray(dequantize(qk))
     np.testing.assert_array_equal(back[keep], w[keep])
-    for xs in (x[:1], x):  # one row (padded inside) and many: the NumPy emulation
+    for xs in (x[:1], x):  # one row and many: the NumPy emulation
         np.testing.assert_allclose(np.asarray(linear(jnp.asarray(xs), qk)), emulate_qlinear(xs, qk),
                                    rtol=2e-5, atol=2e-5)
     exact = x @ w
@@ -179,7 +179,7 @@ def test_int8_logits_close_to_float32(tie):
     assert np.abs(got - ref).max() < 0.05 * scale
     assert np.abs(got - ref).mean() < 0.01 * scale
     assert np.mean(got.argmax(-1) == ref.argmax(-1)) >= 0.9
-    # the KV-cached path: prefill then one-token steps, batch 1 (padded to 2 rows) and 2
+    # the KV-cached path: prefill then one-token steps, batch 1 and 2
     for b in (1, 2):
         cache = m8.init_cache(b, 16)
         assert cache.k.dtype == jnp.float32
