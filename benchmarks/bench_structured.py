@@ -12,6 +12,9 @@ same 49,152-token vocabulary, to check the script in seconds):
 3. **The host-mask design** (what vLLM / SGLang / transformers do with outlines, xgrammar,
    llguidance): outlines-core's own ``Guide`` stepped on the host around a jitted one-token
    model step, a fresh allowed-token mask shipped to the device every token.
+4. **The constraint's own work per step**, alone: the jitted advance-and-mask over ``[B, V]``
+   logits (``_structured.apply``, the tables of 2.), median of 50 calls; measurement 2 is a
+   difference of two noisy runs, this one is not.
 
 Prints a table; no asserts. Run: ``python benchmarks/bench_structured.py [--quick]``.
 """
@@ -99,6 +102,21 @@ def loop_cost(model, tok, batch: int, n1: int, n2: int, repeats: int) -> tuple[f
     return out[0], out[1]
 
 
+def mask_cost(tok, batch: int, vocab: int, calls: int = 50) -> float:
+    """Seconds per call of the constraint's step alone (advance by the previous token, then
+    mask the logits), jitted, at ``batch x vocab``."""
+    from jaxdecode import _structured
+    from jaxdecode._processors import DecodeContext
+
+    tables = _structured.stack_constraints("bench", jaxdecode.regex(FREE_TEXT, tok), batch, vocab)
+    logits = jnp.asarray(np.random.default_rng(0).standard_normal((batch, vocab)), jnp.float32)
+    ctx = DecodeContext(token_counts=None, prompt_mask=None, step=jnp.ones((batch,), jnp.int32),
+                        tokens=None, lengths=None, prev_token=jnp.full((batch,), 64, jnp.int32))
+    state = _structured.ConstraintState(jnp.zeros((batch,), jnp.int32), jnp.zeros((batch,), jnp.int32))
+    step = jax.jit(_structured.apply)
+    return median_time(lambda: step(tables, logits, state, ctx)[0], calls)
+
+
 def host_mask_cost(model, tok, batch: int, steps: int, repeats: int) -> float:
     """Per-step seconds of the host-mask design: outlines Guides on the host, one jitted
     model step per token on the device, a [B, V] mask shipped each step."""
@@ -157,12 +175,14 @@ def main() -> None:
         n1, n2, host_steps = 16, 64, 32
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; model: {'tiny random' if args.quick else 'SmolLM2-135M'}")
     tables(tok)
-    print(f"\n{'batch':>5} {'plain ms/step':>14} {'constrained':>12} {'overhead':>9} {'host-mask ms/step':>18}")
+    print(f"\n{'batch':>5} {'plain ms/step':>14} {'constrained':>12} {'overhead':>9} {'host-mask ms/step':>18} "
+          f"{'mask alone ms':>14}")
     for batch in (1, 8):
         plain, constrained = loop_cost(model, tok, batch, n1, n2, args.repeats)
         host = host_mask_cost(model, tok, batch, host_steps, args.repeats)
+        alone = mask_cost(tok, batch, tok.vocab_size)
         print(f"{batch:5d} {plain * 1e3:14.2f} {constrained * 1e3:12.2f} {100 * (constrained / plain - 1):8.1f}% "
-              f"{host * 1e3:18.2f}")
+              f"{host * 1e3:18.2f} {alone * 1e3:14.3f}")
     print(json.dumps({"n1": n1, "n2": n2, "host_steps": host_steps, "repeats": args.repeats}))
 
 
