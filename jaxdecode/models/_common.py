@@ -172,29 +172,28 @@ def qlinear(x, w: QuantizedWeight):
     weights is the cost of a decode step, and the second part reuses each weight byte while
     it is in registers. Kept channels (``w.keep_idx``) add a float32 ``x[:, keep] @ keep_w``."""
     lead, n_in = x.shape[:-1], x.shape[-1]
-    xf = x.astype(jnp.float32).reshape(-1, n_in) * w.inv
-    q1, q2, sx = quantize_rows(xf)
+    x2 = x.astype(jnp.float32).reshape(-1, n_in)
+    q1, q2, sx = quantize_rows(x2 * w.inv)
     both = jnp.concatenate([q1, q2], axis=0)  # [2M, in]
     acc = (_s8_product(both, w.q) if _cpu_kernel.takes(both) else _xla_s8(both, w.q)).astype(jnp.float32)
     m = q1.shape[0]
     y = (acc[:m] + acc[m:] / 254.0) * sx * w.scale
     if w.keep_idx is not None:
-        xk = jnp.take(x.astype(jnp.float32).reshape(-1, n_in), w.keep_idx, axis=1)
-        y = y + jnp.dot(xk, w.keep_w)
+        y = y + jnp.dot(jnp.take(x2, w.keep_idx, axis=1), w.keep_w)
     return y.reshape(*lead, -1)
 
 
 def _two_rows(x):
-    """XLA:CPU runs int8 and bfloat16 dots on its library kernels only when both operands have
-    at least 2 rows (its one-row fallback is about 10x slower): a single row gets a zero row."""
+    """XLA:CPU runs bfloat16 (and int8) dots on its library kernels only when both operands
+    have at least 2 rows (its one-row fallback is about 10x slower): a single row gets a zero
+    row. (int8 products always have 2+ rows: qlinear stacks two parts per activation row.)"""
     return jnp.concatenate([x, jnp.zeros_like(x)], axis=0) if x.shape[0] == 1 else x
 
 
 def _xla_s8(qx, q):
-    """int32 ``qx @ q.T`` (``qx: int8[M, in]``, ``q: int8[out, in]``) on XLA's dot."""
-    acc = jax.lax.dot_general(_two_rows(qx), q, (((1,), (1,)), ((), ())),
-                              preferred_element_type=jnp.int32)
-    return acc[:qx.shape[0]]
+    """int32 ``qx @ q.T`` (``qx: int8[M, in]``, ``q: int8[out, in]``, M even: qlinear's two
+    parts, so never the one-row case XLA:CPU runs slowly) on XLA's dot."""
+    return jax.lax.dot_general(qx, q, (((1,), (1,)), ((), ())), preferred_element_type=jnp.int32)
 
 
 def _xla_float(xs, w, *, transposed: bool):
